@@ -1,0 +1,174 @@
+"""`AdaSparkConfig`: the one place where every AdaSpark default lives.
+
+The config is a frozen dataclass. Every field is validated in ``__post_init__``; an invalid value
+raises ``ValueError`` naming the field and the allowed range. Use :meth:`AdaSparkConfig.replace` to
+derive a variant (it validates again).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from adaspark.ops.selection import SelectionPolicy
+
+Policy = Literal["top_p", "top_k", "ratio"]
+Backend = Literal["auto", "reference", "blocked"]
+
+POLICIES: tuple[str, ...] = ("top_p", "top_k", "ratio")
+BACKENDS: tuple[str, ...] = ("auto", "reference", "blocked")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_fraction(name: str, value, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"AdaSparkConfig.{name} must be a number in (0, 1], got {value!r}")
+    if not (0.0 < float(value) <= 1.0):
+        raise ValueError(f"AdaSparkConfig.{name} must be in (0, 1], got {value!r}")
+
+
+@dataclass(frozen=True)
+class AdaSparkConfig:
+    """Settings of AdaSpark (adaptive cube-selective attention + token-selective FFN).
+
+    Attributes:
+        p: Top-p threshold shared by both modules, ``0 < p <= 1``. ``p = 1`` keeps everything and
+            reproduces the dense model.
+        p_attn: Optional override of ``p`` for AdaS-Attn (cube selection).
+        p_ffn: Optional override of ``p`` for AdaS-FFN (token selection inside cubes).
+        cube: Cube size ``(t, h, w)`` in LM tokens (after the 2×2 spatial merge). Edge cubes may
+            be smaller.
+        dense_layers: Decoder layer indices that stay fully dense (attention and FFN). Negative
+            indices count from the end.
+        policy: Selection policy for both modules: ``"top_p"`` (default, the paper's adaptive
+            nucleus), ``"top_k"`` (keep a fixed number, ablation) or ``"ratio"`` (keep a fixed
+            fraction, ablation).
+        top_k: Number of cubes kept per query (attention) under ``policy="top_k"``.
+        top_k_tokens: Number of tokens kept per cube (FFN) under ``policy="top_k"``.
+        ratio: Fraction of candidate cubes / cube tokens kept under ``policy="ratio"``
+            (rounded up, at least one).
+        min_cubes: Every query keeps at least this many candidate cubes (besides its own cube),
+            when that many exist.
+        max_cubes: Optional cap on the number of candidate cubes a query keeps.
+        sparse_attn: Switch AdaS-Attn on/off (off: dense attention everywhere).
+        sparse_ffn: Switch AdaS-FFN on/off (off: dense FFN everywhere).
+        mean_compensation: Give skipped FFN tokens the mean FFN update of the active tokens of
+            their cube (the paper's method). ``False`` gives them a zero update (ablation).
+        images_as_video: Treat each image as a one-frame video (cubed, sparse). Default: images
+            are non-video tokens (always attended, dense FFN).
+        backend: ``"reference"`` (naive, materialises masks; for testing), ``"blocked"``
+            (gathers the kept key blocks per query block; never builds an N×N mask) or
+            ``"auto"`` (picks the efficient path available for the device and dtype).
+        query_block: Query block size of the blocked attention path.
+    """
+
+    p: float = 0.9
+    p_attn: float | None = None
+    p_ffn: float | None = None
+    cube: tuple[int, int, int] = (4, 4, 4)
+    dense_layers: tuple[int, ...] = ()
+    policy: Policy = "top_p"
+    top_k: int = 8
+    top_k_tokens: int = 16
+    ratio: float = 0.25
+    min_cubes: int = 0
+    max_cubes: int | None = None
+    sparse_attn: bool = True
+    sparse_ffn: bool = True
+    mean_compensation: bool = True
+    images_as_video: bool = False
+    backend: Backend = "auto"
+    query_block: int = 128
+
+    def __post_init__(self) -> None:
+        _check_fraction("p", self.p)
+        _check_fraction("p_attn", self.p_attn, allow_none=True)
+        _check_fraction("p_ffn", self.p_ffn, allow_none=True)
+        cube = self.cube
+        if (
+            not isinstance(cube, (tuple, list))
+            or len(cube) != 3
+            or not all(_is_int(c) and c >= 1 for c in cube)
+        ):
+            raise ValueError(
+                f"AdaSparkConfig.cube must be three positive integers (t, h, w) in LM tokens, got {cube!r}"
+            )
+        object.__setattr__(self, "cube", tuple(int(c) for c in cube))
+        layers = self.dense_layers
+        if isinstance(layers, int) or not all(_is_int(i) for i in layers):
+            raise ValueError(
+                f"AdaSparkConfig.dense_layers must be a sequence of layer indices (ints), got {layers!r}"
+            )
+        object.__setattr__(self, "dense_layers", tuple(int(i) for i in layers))
+        if self.policy not in POLICIES:
+            raise ValueError(f"AdaSparkConfig.policy must be one of {POLICIES}, got {self.policy!r}")
+        if not _is_int(self.top_k) or self.top_k < 1:
+            raise ValueError(f"AdaSparkConfig.top_k must be an integer >= 1, got {self.top_k!r}")
+        if not _is_int(self.top_k_tokens) or self.top_k_tokens < 1:
+            raise ValueError(
+                f"AdaSparkConfig.top_k_tokens must be an integer >= 1, got {self.top_k_tokens!r}"
+            )
+        _check_fraction("ratio", self.ratio)
+        if not _is_int(self.min_cubes) or self.min_cubes < 0:
+            raise ValueError(f"AdaSparkConfig.min_cubes must be an integer >= 0, got {self.min_cubes!r}")
+        if self.max_cubes is not None and (not _is_int(self.max_cubes) or self.max_cubes < 1):
+            raise ValueError(
+                f"AdaSparkConfig.max_cubes must be None or an integer >= 1, got {self.max_cubes!r}"
+            )
+        if self.max_cubes is not None and self.max_cubes < self.min_cubes:
+            raise ValueError(
+                f"AdaSparkConfig.max_cubes ({self.max_cubes}) must be >= min_cubes ({self.min_cubes})"
+            )
+        for name in ("sparse_attn", "sparse_ffn", "mean_compensation", "images_as_video"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"AdaSparkConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"AdaSparkConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not _is_int(self.query_block) or self.query_block < 1:
+            raise ValueError(
+                f"AdaSparkConfig.query_block must be an integer >= 1, got {self.query_block!r}"
+            )
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def attn_p(self) -> float:
+        """Threshold used by AdaS-Attn (``p_attn`` if set, else ``p``)."""
+        return float(self.p if self.p_attn is None else self.p_attn)
+
+    @property
+    def ffn_p(self) -> float:
+        """Threshold used by AdaS-FFN (``p_ffn`` if set, else ``p``)."""
+        return float(self.p if self.p_ffn is None else self.p_ffn)
+
+    def attn_policy(self) -> SelectionPolicy:
+        """The cube-selection policy of AdaS-Attn as an ops-level :class:`SelectionPolicy`."""
+        return SelectionPolicy(
+            kind=self.policy,
+            p=self.attn_p,
+            k=self.top_k,
+            ratio=self.ratio,
+            min_keep=self.min_cubes,
+            max_keep=self.max_cubes,
+        )
+
+    def ffn_policy(self) -> SelectionPolicy:
+        """The token-selection policy of AdaS-FFN as an ops-level :class:`SelectionPolicy`."""
+        return SelectionPolicy(kind=self.policy, p=self.ffn_p, k=self.top_k_tokens, ratio=self.ratio)
+
+    def is_dense_layer(self, layer_idx: int, num_layers: int) -> bool:
+        """Whether decoder layer ``layer_idx`` (of ``num_layers``) is kept dense."""
+        return any((i % num_layers) == layer_idx for i in self.dense_layers if -num_layers <= i < num_layers)
+
+    def replace(self, **changes) -> AdaSparkConfig:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,198 @@
+"""Pieces shared by every AdaS-Attn path: input checks, per-block cube selection, statistics.
+
+Tensor layout (the one layout of ``adaspark.ops``):
+    q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D]`` with ``Hq % Hkv == 0`` (GQA: query head ``h`` reads
+    kv head ``h // (Hq // Hkv)``), ``Nq <= Nk``. Queries are the *last* ``Nq`` positions of the key
+    sequence (prefill: ``Nq == Nk``; decoding with a cache: ``Nq`` new tokens), so query ``i`` sits at
+    absolute position ``Nk - Nq + i``. ``cube_ids`` ``[B, Nk]`` int64 (``-1`` = not video) describes
+    every key position; ``key_mask`` ``[B, Nk]`` bool (True = real token, False = padding).
+
+Selection is always computed in float32 from a fixed blocking of the queries (:data:`SELECT_BLOCK`
+rows aligned at query 0), so every path selects bit-identical cube sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from adaspark.ops.cubes import CubeIndex
+from adaspark.ops.selection import SelectionPolicy, entropy, keep_from_probs, masked_softmax
+
+SELECT_BLOCK = 64
+
+
+@dataclass
+class AttentionStats:
+    """Counters one attention call adds to (all over valid, i.e. non-padding, queries).
+
+    Attributes:
+        num_heads: query heads ``Hq``.
+        head_dim: ``D``.
+        queries: valid queries processed.
+        causal_pairs: causal (query, valid key) pairs, per head (dense attention would compute
+            ``causal_pairs * num_heads`` score entries).
+        attended: ``[Hq]`` pairs the semantics keep, per head (the ideal).
+        executed: score entries the kernel really computed, summed over heads.
+        selections: ``[Hq]`` queries that ran a cube selection (had at least one candidate cube).
+        entropy_sum: ``[Hq]`` sum of the entropy (nats) of the cube distributions.
+        kept_sum: ``[Hq]`` sum of the number of candidate cubes kept.
+        candidates_sum: ``[Hq]`` sum of the number of candidate cubes.
+        mean_key_tokens: key tokens averaged into cube mean keys (per kv head).
+        kv_heads: ``Hkv``.
+    """
+
+    num_heads: int
+    head_dim: int
+    kv_heads: int = 0
+    queries: int = 0
+    causal_pairs: int = 0
+    executed: int = 0
+    mean_key_tokens: int = 0
+    attended: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    selections: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    entropy_sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    kept_sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    candidates_sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        for name in ("attended", "selections", "entropy_sum", "kept_sum", "candidates_sum"):
+            if getattr(self, name) is None:
+                setattr(self, name, torch.zeros(self.num_heads, dtype=torch.float64))
+
+    @property
+    def density(self) -> float:
+        """Fraction of causal (query, key) pairs attended, over all heads (1.0 if none)."""
+        tot = self.causal_pairs * self.num_heads
+        return float(self.attended.sum().item()) / tot if tot else 1.0
+
+    @property
+    def executed_density(self) -> float:
+        """Score entries computed by the kernel relative to dense causal attention."""
+        tot = self.causal_pairs * self.num_heads
+        return self.executed / tot if tot else 1.0
+
+    def add_selection(self, probs: torch.Tensor, keep: torch.Tensor, cand: torch.Tensor, qvalid) -> None:
+        """Record the distributions of one block: ``probs``/``keep`` ``[Hq, bq, C]``, ``cand`` ``[bq, C]``."""
+        ncand = cand.sum(-1)  # [bq]
+        use = (ncand > 0) & qvalid  # [bq]
+        if not bool(use.any()):
+            return
+        u = use.to(torch.float64)
+        self.selections += u.sum().expand(self.num_heads)
+        self.entropy_sum += (entropy(probs).double() * u).sum(-1)
+        self.kept_sum += (keep.sum(-1).double() * u).sum(-1)
+        self.candidates_sum += (ncand.double() * u).sum().expand(self.num_heads)
+
+
+def check_attention_inputs(q, k, v, cube_ids, key_mask) -> tuple[int, int, int, int, int, int]:
+    """Validate shapes/dtypes with clear messages; returns ``(B, Hq, Hkv, Nq, Nk, D)``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [B, H, N, D], got {getattr(t, 'shape', type(t))}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+    bsz, hq, nq, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != bsz or k.shape[3] != d:
+        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch or head_dim")
+    hkv, nk = k.shape[1], k.shape[2]
+    if hq % hkv != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if nq > nk:
+        raise ValueError(f"more queries ({nq}) than keys ({nk}): queries are the last Nq key positions")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not isinstance(cube_ids, torch.Tensor) or cube_ids.shape != (bsz, nk):
+        raise ValueError(
+            f"cube_ids must have shape [B, Nk] = [{bsz}, {nk}], got {tuple(getattr(cube_ids, 'shape', ()))}"
+        )
+    if cube_ids.dtype != torch.int64:
+        raise ValueError(f"cube_ids must be int64, got {cube_ids.dtype}")
+    if key_mask is not None and (key_mask.shape != (bsz, nk) or key_mask.dtype != torch.bool):
+        raise ValueError(
+            f"key_mask must be a bool tensor [B, Nk] = [{bsz}, {nk}], got "
+            f"{tuple(key_mask.shape)} {key_mask.dtype}"
+        )
+    return bsz, hq, hkv, nq, nk, d
+
+
+def select_block(
+    q_blk: torch.Tensor,
+    mean_keys_b: torch.Tensor,
+    q_pos: torch.Tensor,
+    q_cube: torch.Tensor,
+    index: CubeIndex,
+    b: int,
+    policy: SelectionPolicy,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cube selection for a block of queries of sample ``b`` (per query head).
+
+    Args:
+        q_blk: ``[Hq, bq, D]`` queries (any float dtype; scored in float32).
+        mean_keys_b: ``[Hkv, C, D]`` float32 cube mean keys of sample ``b``.
+        q_pos: ``[bq]`` absolute positions of the queries.
+        q_cube: ``[bq]`` cube id of each query (``-1`` for non-video queries).
+        index: cube index of the batch.
+        policy: selection policy.
+        scale: score scale (``1/sqrt(D)`` by default).
+
+    Returns:
+        ``(keep, probs, cand)``: ``keep`` ``[Hq, bq, C]`` bool kept candidate cubes (own cube not
+        included), ``probs`` ``[Hq, bq, C]`` float32 distributions, ``cand`` ``[bq, C]`` candidates.
+    """
+    hq, bq, d = q_blk.shape
+    hkv, c = mean_keys_b.shape[0], mean_keys_b.shape[1]
+    cids = torch.arange(c, device=q_blk.device)
+    cand = (index.first_pos[b][None, :] <= q_pos[:, None]) & (cids[None, :] != q_cube[:, None])
+    if c == 0:
+        z = torch.zeros(hq, bq, 0, device=q_blk.device)
+        return z.bool(), z, cand
+    g = hq // hkv
+    qf = q_blk.reshape(hkv, g * bq, d).float()
+    scores = torch.matmul(qf, mean_keys_b.transpose(-1, -2)).view(hq, bq, c) * scale
+    probs = masked_softmax(scores, cand[None])
+    keep = keep_from_probs(probs, cand[None].expand(hq, bq, c), policy)
+    return keep, probs, cand
+
+
+def select_range(
+    q_b: torch.Tensor,
+    mean_keys_b: torch.Tensor,
+    start: int,
+    end: int,
+    q_offset: int,
+    cube_ids_b: torch.Tensor,
+    index: CubeIndex,
+    b: int,
+    policy: SelectionPolicy,
+    scale: float,
+    qvalid_b: torch.Tensor,
+    stats: AttentionStats | None,
+) -> torch.Tensor:
+    """Selection for queries ``start..end`` of sample ``b`` in :data:`SELECT_BLOCK` chunks.
+
+    ``start`` must be a multiple of :data:`SELECT_BLOCK`. Returns ``keep`` ``[Hq, end-start, C]``.
+    """
+    assert start % SELECT_BLOCK == 0
+    parts = []
+    for s in range(start, end, SELECT_BLOCK):
+        e = min(s + SELECT_BLOCK, end)
+        pos = torch.arange(s, e, device=q_b.device) + q_offset
+        keep, probs, cand = select_block(
+            q_b[:, s:e], mean_keys_b, pos, cube_ids_b[pos], index, b, policy, scale
+        )
+        if stats is not None:
+            stats.add_selection(probs, keep, cand, qvalid_b[pos])
+        parts.append(keep)
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def causal_valid_pairs(key_mask: torch.Tensor, nq: int) -> torch.Tensor:
+    """``[B, Nq]`` number of valid keys at or before each valid query (0 for padding queries)."""
+    nk = key_mask.shape[1]
+    cum = torch.cumsum(key_mask.long(), dim=1)[:, nk - nq :]
+    return cum * key_mask[:, nk - nq :]

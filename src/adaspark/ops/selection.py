@@ -1,0 +1,147 @@
+"""Selection: turn a probability distribution over candidates into a kept set.
+
+Everything here works on the last dimension of a tensor and is shared by AdaS-Attn (candidates =
+cubes, one distribution per query and head) and AdaS-FFN (candidates = the tokens of one cube).
+
+Top-p ("nucleus") semantics, exactly as in SPEC.md: sort the candidates by descending probability
+(stable: on ties the lower index comes first) and keep the shortest prefix whose cumulative mass is
+``>= p``; at least one candidate is kept whenever one exists; ``p >= 1`` keeps every candidate.
+Equivalently, the candidate of rank ``r`` is kept iff the mass strictly before it is ``< p``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SelectionPolicy", "entropy", "keep_from_probs", "masked_softmax"]
+
+
+@dataclass(frozen=True)
+class SelectionPolicy:
+    """How many candidates to keep from a distribution.
+
+    Attributes:
+        kind: ``"top_p"`` (nucleus with threshold ``p``), ``"top_k"`` (the ``k`` most probable) or
+            ``"ratio"`` (the ``ceil(ratio · n_candidates)`` most probable).
+        p: Top-p threshold in (0, 1].
+        k: Count for ``top_k``.
+        ratio: Fraction for ``ratio``.
+        min_keep: Lower bound on the kept count (capped by the number of candidates).
+        max_keep: Optional upper bound on the kept count.
+    """
+
+    kind: str = "top_p"
+    p: float = 0.9
+    k: int = 8
+    ratio: float = 0.25
+    min_keep: int = 0
+    max_keep: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("top_p", "top_k", "ratio"):
+            raise ValueError(f"SelectionPolicy.kind must be 'top_p', 'top_k' or 'ratio', got {self.kind!r}")
+        if not (isinstance(self.p, (int, float)) and 0.0 < self.p <= 1.0):
+            raise ValueError(f"SelectionPolicy.p must be in (0, 1], got {self.p!r}")
+        if not (isinstance(self.k, int) and self.k >= 1):
+            raise ValueError(f"SelectionPolicy.k must be an integer >= 1, got {self.k!r}")
+        if not (isinstance(self.ratio, (int, float)) and 0.0 < self.ratio <= 1.0):
+            raise ValueError(f"SelectionPolicy.ratio must be in (0, 1], got {self.ratio!r}")
+        if not (isinstance(self.min_keep, int) and self.min_keep >= 0):
+            raise ValueError(f"SelectionPolicy.min_keep must be an integer >= 0, got {self.min_keep!r}")
+        if self.max_keep is not None and not (isinstance(self.max_keep, int) and self.max_keep >= 1):
+            raise ValueError(f"SelectionPolicy.max_keep must be None or >= 1, got {self.max_keep!r}")
+
+    @property
+    def keeps_all(self) -> bool:
+        """True when the policy keeps every candidate whatever the distribution."""
+        if self.max_keep is not None:
+            return False
+        return (self.kind == "top_p" and self.p >= 1.0) or (self.kind == "ratio" and self.ratio >= 1.0)
+
+
+def as_policy(p: float | SelectionPolicy | None, policy: SelectionPolicy | None) -> SelectionPolicy:
+    """Normalise the ``(p, policy)`` pair accepted by the public ops into one policy."""
+    if policy is not None:
+        return policy
+    if isinstance(p, SelectionPolicy):
+        return p
+    if p is None:
+        return SelectionPolicy()
+    return SelectionPolicy(kind="top_p", p=float(p))
+
+
+def masked_softmax(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim restricted to ``valid``; rows without a valid entry give zeros.
+
+    Args:
+        scores: ``[..., C]`` float scores (any float dtype; computed in float32).
+        valid: ``[..., C]`` bool, broadcastable to ``scores``.
+
+    Returns:
+        ``[..., C]`` float32 probabilities, exactly 0 outside ``valid``.
+    """
+    s = scores.float().masked_fill(~valid, float("-inf"))
+    mx = s.amax(dim=-1, keepdim=True)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    e = torch.exp(s - mx)
+    z = e.sum(dim=-1, keepdim=True)
+    return e / torch.where(z > 0, z, torch.ones_like(z))
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) over the last dim; zero entries contribute nothing. ``[..., C] -> [...]``."""
+    p = probs.float()
+    return -(p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum(dim=-1)
+
+
+def keep_from_probs(probs: torch.Tensor, valid: torch.Tensor, policy: SelectionPolicy) -> torch.Tensor:
+    """The kept set of each row of a distribution.
+
+    Args:
+        probs: ``[..., C]`` probabilities (float32 or float64, kept at that precision; zero outside
+            ``valid``; rows sum to 1 or 0).
+        valid: ``[..., C]`` bool candidate mask (same shape as ``probs``).
+        policy: How many to keep.
+
+    Returns:
+        ``[..., C]`` bool, a subset of ``valid``. A row with ``n >= 1`` candidates keeps at least
+        one, and always a prefix of the stable descending order of ``probs``.
+
+    Example:
+        >>> p = torch.tensor([[0.1, 0.6, 0.3]])
+        >>> keep_from_probs(p, p > 0, SelectionPolicy(p=0.8)).tolist()
+        [[False, True, True]]
+    """
+    valid = valid.expand_as(probs)
+    n_valid = valid.sum(dim=-1, keepdim=True)
+    if policy.keeps_all:
+        return valid.clone()
+    c = probs.shape[-1]
+    # invalid entries sort last; stable so that ties keep the lower index first
+    key = probs.to(torch.promote_types(probs.dtype, torch.float32)).masked_fill(~valid, -1.0)
+    sorted_p, order = torch.sort(key, dim=-1, descending=True, stable=True)
+    rank = torch.arange(c, device=probs.device)
+    if policy.kind == "top_p":
+        if policy.p >= 1.0:
+            n_keep = n_valid
+        else:
+            sp = sorted_p.clamp_min(0.0)
+            before = torch.cumsum(sp, dim=-1) - sp
+            n_keep = ((before < policy.p) & (rank < n_valid)).sum(dim=-1, keepdim=True)
+    elif policy.kind == "top_k":
+        n_keep = torch.clamp(n_valid, max=policy.k)
+    else:  # ratio
+        n_keep = torch.ceil(n_valid.double() * policy.ratio - 1e-9).long()
+    n_keep = torch.maximum(n_keep, torch.clamp(n_valid, max=max(policy.min_keep, 1)))
+    n_keep = torch.minimum(n_keep, n_valid)
+    if policy.max_keep is not None:
+        n_keep = torch.clamp(n_keep, max=policy.max_keep)
+    keep_sorted = rank < n_keep
+    return torch.zeros_like(valid).scatter(-1, order, keep_sorted)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+

@@ -118,8 +118,9 @@ def sample_frame_indices(
         ``temporal_patch_size`` except in the two cases below.
 
     Deliberate departures (transformers raises ``ZeroDivisionError`` there):
-        * ``fps`` with ``N < temporal_patch_size``: all ``N`` frames (the preprocessor pads them by
-          repeating the last one).
+        * the ``fps`` rule giving 0 frames (``N < tps``, or ``N / r * fps`` below ``tps`` with
+          ``min_frames < tps``): ``min(tps, N)`` frames, spread as usual (a video shorter than one
+          temporal patch keeps all its frames; the preprocessor pads by repeating the last one).
         * ``num_frames`` rounding to 0 (``num_frames=1`` with ``tps=2``): ``ValueError``.
 
     Raises:
@@ -151,8 +152,8 @@ def sample_frame_indices(
         target = total / video_fps * fps
         target = min(max(target, min_frames), cap, total)
         n = math.floor(target / tps) * tps
-        if n == 0:  # the video is shorter than one temporal patch: keep every frame
-            n = total
+        if n == 0:  # transformers divides by zero here; take the smallest valid count instead
+            n = min(tps, total)
 
     if n is None:
         return np.arange(total, dtype=np.int64)

@@ -1,0 +1,171 @@
+"""FLOPs and sparsity accounting: per layer, dense baseline vs what AdaSpark kept and executed.
+
+Conventions (one multiply-add = 2 FLOPs; only matrix products and the listed overheads count):
+
+* projections: ``2·T·d·(Hq·D + 2·Hkv·D)`` for q/k/v plus ``2·T·Hq·D·d`` for the output projection,
+  ``T`` = token rows processed by the layer (padding rows included: they run in both modes);
+* attention: ``4·D`` per attended (query, key) pair and head (``QKᵀ`` and ``AV``); dense counts every
+  causal pair between real tokens, sparse counts the pairs the semantics keep (ideal) or the score
+  entries the kernel really computed (executed);
+* selection: ``Hkv·D`` per token averaged into cube mean keys, ``2·D + 5 + ceil(log2 C̄)`` per
+  (query, head, candidate cube) for the score, softmax and sort (``C̄`` = mean candidates per
+  selection), and ``2·d`` per video token for the FFN norm score;
+* FFN (SwiGLU): ``6·d·I`` per row through the FFN; compensation ``d`` per active video token
+  (cube sums) and per skipped token (the copy of the mean).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from adaspark.ops.attention.common import AttentionStats
+from adaspark.ops.ffn.common import FFNStats
+
+__all__ = ["LayerDims", "LayerReport", "Report", "layer_flops"]
+
+
+@dataclass(frozen=True)
+class LayerDims:
+    """Shapes of one decoder layer: hidden ``d``, heads, kv heads, head dim ``D``, FFN width ``I``."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+
+
+@dataclass
+class LayerReport:
+    """What one decoder layer did in the last call.
+
+    Attributes:
+        index: layer index.
+        dense: the layer was configured dense.
+        attn_density: fraction of causal (query, key) pairs attended (ideal, semantics).
+        attn_density_executed: score entries computed by the kernel / causal pairs.
+        ffn_active: fraction of video tokens that went through the FFN.
+        entropy: per query head, mean entropy (nats) of the cube distributions.
+        cubes_kept: per query head, mean number of candidate cubes kept.
+        candidates: per query head, mean number of candidate cubes.
+        flops_dense / flops_sparse / flops_sparse_ideal: FLOPs of this layer.
+        breakdown: sparse (executed) FLOPs by component.
+    """
+
+    index: int
+    dense: bool
+    attn_density: float
+    attn_density_executed: float
+    ffn_active: float
+    entropy: list[float]
+    cubes_kept: list[float]
+    candidates: list[float]
+    flops_dense: float
+    flops_sparse: float
+    flops_sparse_ideal: float
+    breakdown: dict = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    """Whole-model numbers for the last call (``generate``: prefill plus every decode step).
+
+    ``flops_*`` include the vision encoder and the LM head; ``llm_flops_*`` are the decoder layers
+    only (the paper's 57% is about the LLM). ``saved = 1 - flops_sparse / flops_dense`` with the
+    FLOPs the kernels really executed; ``saved_ideal`` uses the pairs the semantics keep.
+    """
+
+    layers: list[LayerReport]
+    flops_dense: float
+    flops_sparse: float
+    flops_sparse_ideal: float
+    llm_flops_dense: float
+    llm_flops_sparse: float
+    llm_flops_sparse_ideal: float
+    vision_flops: float
+    lm_head_flops: float
+    tokens: int
+    video_tokens: int
+    forward_calls: int
+
+    @property
+    def saved(self) -> float:
+        return 1.0 - self.flops_sparse / self.flops_dense if self.flops_dense else 0.0
+
+    @property
+    def saved_ideal(self) -> float:
+        return 1.0 - self.flops_sparse_ideal / self.flops_dense if self.flops_dense else 0.0
+
+    @property
+    def llm_saved(self) -> float:
+        return 1.0 - self.llm_flops_sparse / self.llm_flops_dense if self.llm_flops_dense else 0.0
+
+    @property
+    def llm_saved_ideal(self) -> float:
+        return 1.0 - self.llm_flops_sparse_ideal / self.llm_flops_dense if self.llm_flops_dense else 0.0
+
+    @property
+    def attn_density(self) -> float:
+        """Mean attention density over the layers."""
+        return sum(lr.attn_density for lr in self.layers) / len(self.layers) if self.layers else 1.0
+
+    @property
+    def ffn_active(self) -> float:
+        """Mean FFN active fraction over the layers."""
+        return sum(lr.ffn_active for lr in self.layers) / len(self.layers) if self.layers else 1.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(
+            saved=self.saved, saved_ideal=self.saved_ideal, llm_saved=self.llm_saved,
+            llm_saved_ideal=self.llm_saved_ideal,
+        )
+        return d
+
+    def summary(self) -> str:
+        """A short human-readable account."""
+        lines = [
+            f"tokens {self.tokens} (video {self.video_tokens}), forward calls {self.forward_calls}",
+            f"FLOPs dense {self.flops_dense:.3e}  AdaSpark {self.flops_sparse:.3e}  saved {self.saved:.1%} "
+            f"(ideal {self.saved_ideal:.1%}; decoder only {self.llm_saved:.1%})",
+        ]
+        return "\n".join(lines)
+
+
+def layer_flops(
+    dims: LayerDims,
+    rows: int,
+    attn: AttentionStats,
+    ffn: FFNStats | None,
+    *,
+    sparse: bool,
+) -> tuple[float, float, float, dict]:
+    """``(dense, sparse_executed, sparse_ideal, breakdown)`` FLOPs of one layer from its counters.
+
+    ``ffn`` is None when the FFN ran densely (then ``rows`` rows went through it).
+    """
+    d, hq, hkv, hd, inter = dims.hidden, dims.heads, dims.kv_heads, dims.head_dim, dims.intermediate
+    proj = 2.0 * rows * d * (hq * hd + 2 * hkv * hd) + 2.0 * rows * hq * hd * d
+    attn_dense = 4.0 * hd * hq * attn.causal_pairs
+    ffn_dense = 6.0 * d * inter * rows
+    dense = proj + attn_dense + ffn_dense
+    if not sparse:
+        bd = {"proj": proj, "attn": attn_dense, "select": 0.0, "ffn": ffn_dense, "compensation": 0.0}
+        return dense, dense, dense, bd
+    attn_exec = 4.0 * hd * attn.executed
+    attn_ideal = 4.0 * hd * float(attn.attended.sum())
+    cand = float(attn.candidates_sum.sum())
+    n_sel = float(attn.selections.sum())
+    avg_c = max(2.0, cand / n_sel) if n_sel else 2.0
+    select = float(hkv * hd * attn.mean_key_tokens) + cand * (2 * hd + 5 + math.ceil(math.log2(avg_c)))
+    if ffn is None:
+        ffn_sparse, comp = ffn_dense, 0.0
+    else:
+        ffn_sparse = 6.0 * d * inter * ffn.ffn_rows
+        comp = float(d) * (ffn.active_video + ffn.compensated) if ffn.compensated else 0.0
+        select += 2.0 * d * ffn.video_tokens
+    sparse_exec = proj + attn_exec + select + ffn_sparse + comp
+    sparse_ideal = proj + attn_ideal + select + ffn_sparse + comp
+    bd = {"proj": proj, "attn": attn_exec, "select": select, "ffn": ffn_sparse, "compensation": comp}
+    return dense, sparse_exec, sparse_ideal, bd

@@ -1,0 +1,1 @@
+"""Integrations with other libraries (transformers). Imported lazily by ``adaspark.patch``."""

@@ -1,0 +1,495 @@
+"""AdaSpark for Hugging Face Qwen2-VL and Qwen2.5-VL (transformers 5.x).
+
+What :func:`patch` changes, all per instance and undone by ``handle.remove()``:
+
+* the text config's attention implementation becomes ``"adaspark"`` (registered in
+  ``AttentionInterface`` and ``AttentionMaskInterface``); each decoder attention module is routed
+  to this model's state;
+* ``get_rope_index`` of the VL model is wrapped to capture the video layout where the M-RoPE index
+  is computed (this also works inside ``generate``, which drops ``video_grid_thw`` later on);
+* each sparse layer's MLP gets an instance-level ``forward`` running AdaS-FFN, and a pre-hook on
+  its ``post_attention_layernorm`` captures the residual stream that ranks the tokens;
+* hooks count the vision encoder's FLOPs (``FlopCounterMode``) and the LM head's.
+
+No parameter, buffer or state-dict key is touched.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from adaspark.config import AdaSparkConfig
+from adaspark.core.accounting import LayerDims, LayerReport, Report, layer_flops
+from adaspark.core.layout import Layout, build_layout, token_types_from_ids
+from adaspark.integrations.transformers import attention as attn_backend
+from adaspark.ops.attention import AttentionStats, cube_sparse_attention, dense_causal_attention
+from adaspark.ops.cubes import CubeIndex, build_cube_index, cube_mean_keys
+from adaspark.ops.ffn import FFNStats, cube_sparse_ffn, token_scores
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "AdaSparkHandle", "patch"]
+
+SUPPORTED_MODEL_TYPES = {"qwen2_5_vl": "Qwen2.5-VL", "qwen2_vl": "Qwen2-VL"}
+
+#: model -> live handle (so that patching twice replaces the first patch)
+_PATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class _Parts:
+    model: torch.nn.Module
+    vl: torch.nn.Module
+    language_model: torch.nn.Module
+    layers: list
+    visual: torch.nn.Module | None
+    lm_head: torch.nn.Module | None
+    text_config: object
+    merge: int
+    video_token_id: int
+    image_token_id: int
+
+
+def _supported_list() -> str:
+    return ", ".join(f"{v} (model_type {k!r})" for k, v in SUPPORTED_MODEL_TYPES.items())
+
+
+def find_parts(model: torch.nn.Module) -> _Parts:
+    """Locate the pieces AdaSpark hooks into, or raise ``ValueError`` for an unsupported model."""
+    cfg = getattr(model, "config", None)
+    mt = getattr(cfg, "model_type", None)
+    if not isinstance(model, torch.nn.Module) or mt not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"AdaSpark does not support {type(model).__name__} (model_type {mt!r}). "
+            f"Supported models: {_supported_list()}."
+        )
+    vl = model
+    if not hasattr(vl, "get_rope_index") and hasattr(model, "model"):
+        vl = model.model
+    lm = getattr(vl, "language_model", None)
+    if not hasattr(vl, "get_rope_index") or lm is None or not hasattr(lm, "layers"):
+        raise ValueError(
+            f"{type(model).__name__} does not have the Qwen-VL structure AdaSpark expects "
+            "(get_rope_index, language_model.layers); is this transformers >= 5?"
+        )
+    vcfg = getattr(cfg, "vision_config", None)
+    return _Parts(
+        model=model,
+        vl=vl,
+        language_model=lm,
+        layers=list(lm.layers),
+        visual=getattr(vl, "visual", None),
+        lm_head=getattr(model, "lm_head", None),
+        text_config=lm.config,
+        merge=int(getattr(vcfg, "spatial_merge_size", 2)),
+        video_token_id=int(cfg.video_token_id),
+        image_token_id=int(cfg.image_token_id),
+    )
+
+
+def _past_length(past_key_values) -> int:
+    if past_key_values is None:
+        return 0
+    try:
+        return int(past_key_values.get_seq_length())
+    except (AttributeError, TypeError):
+        return 0
+
+
+class _State:
+    """Per-model AdaSpark state: current layout, cached cube mean keys, counters."""
+
+    def __init__(self, config: AdaSparkConfig, parts: _Parts) -> None:
+        self.config = config
+        self.parts = parts
+        tc = parts.text_config
+        n_layers = len(parts.layers)
+        self.num_layers = n_layers
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        self.dims = LayerDims(
+            hidden=tc.hidden_size,
+            heads=tc.num_attention_heads,
+            kv_heads=tc.num_key_value_heads,
+            head_dim=head_dim,
+            intermediate=tc.intermediate_size,
+        )
+        self.dense_layers = {i for i in range(n_layers) if config.is_dense_layer(i, n_layers)}
+        self.attn_policy = config.attn_policy()
+        self.ffn_policy = config.ffn_policy()
+        self.pending: tuple[torch.Tensor, Layout] | None = None
+        self.layout: Layout | None = None
+        self.cube_ids: torch.Tensor | None = None
+        self.index: CubeIndex | None = None
+        self.mean_keys: dict[int, torch.Tensor] = {}
+        self.residual: dict[int, torch.Tensor] = {}
+        self.offset = 0
+        self.expect_video = False
+        self._flop_mode: FlopCounterMode | None = None
+        # vision FLOPs counted since the last VL forward ended: generate() runs the encoder before
+        # the prefill forward, a plain forward inside it
+        self._vision_pending = 0.0
+        self.reset_stats()
+
+    # ---------------------------------------------------------------- counters
+    def reset_stats(self) -> None:
+        d = self.dims
+        self.attn_stats = {i: AttentionStats(d.heads, d.head_dim, d.kv_heads) for i in range(self.num_layers)}
+        self.ffn_stats = {i: FFNStats() for i in range(self.num_layers)}
+        self.rows = dict.fromkeys(range(self.num_layers), 0)
+        self.vision_flops = 0.0
+        self.lm_head_flops = 0.0
+        self.calls = 0
+
+    def sparse_ffn_layer(self, i: int) -> bool:
+        return self.config.sparse_ffn and i not in self.dense_layers
+
+    # ---------------------------------------------------------------- layout
+    def capture_rope_call(self, original, *args, **kwargs):
+        """Wrapper body of ``get_rope_index``: compute positions, then the cube layout."""
+        result = original(*args, **kwargs)
+        bound = inspect.signature(original).bind_partial(*args, **kwargs).arguments
+        input_ids = bound.get("input_ids")
+        if input_ids is None:
+            return result
+        types = bound.get("mm_token_type_ids")
+        p = self.parts
+        if types is None:
+            types = token_types_from_ids(input_ids, image_token_id=p.image_token_id, video_token_id=p.video_token_id)
+        layout = build_layout(
+            types,
+            bound.get("video_grid_thw"),
+            cube=self.config.cube,
+            spatial_merge_size=p.merge,
+            attention_mask=bound.get("attention_mask"),
+            image_grid_thw=bound.get("image_grid_thw"),
+            images_as_video=self.config.images_as_video,
+        )
+        self.pending = (input_ids, layout)
+        return result
+
+    def on_vl_forward(self, module, args, kwargs) -> None:
+        past = _past_length(kwargs.get("past_key_values"))
+        if past:
+            self.calls += 1
+            return
+        carry = self._vision_pending
+        self.reset_stats()
+        self.vision_flops = carry
+        self.calls = 1
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        types = kwargs.get("mm_token_type_ids")
+        vid = self.parts.video_token_id
+        self.expect_video = bool(
+            (input_ids is not None and (input_ids == vid).any())
+            or (types is not None and (types == 2).any())
+        )
+        if self.config.images_as_video:
+            self.expect_video |= bool(input_ids is not None and (input_ids == self.parts.image_token_id).any())
+        if self.pending is not None and input_ids is not None:
+            ids = self.pending[0]
+            if ids.shape != input_ids.shape or not torch.equal(ids.to(input_ids.device), input_ids):
+                self.pending = None
+
+    def on_lm_forward(self, module, args, kwargs) -> None:
+        emb = kwargs.get("inputs_embeds")
+        if emb is None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            bsz, n = ids.shape
+            device = ids.device
+        else:
+            bsz, n = emb.shape[:2]
+            device = emb.device
+        if _past_length(kwargs.get("past_key_values")):
+            return
+        layout = None
+        if self.pending is not None and self.pending[1].shape == (bsz, n):
+            layout = self.pending[1]
+        elif self.expect_video:
+            raise ValueError(
+                "AdaSpark could not capture the video layout of this input: the sequence holds video "
+                "tokens but the model did not compute its M-RoPE index from them. Pass "
+                "`mm_token_type_ids` and `video_grid_thw` as the Qwen processor returns them (without "
+                "mm_token_type_ids the M-RoPE positions are wrong too)."
+            )
+        self.pending = None
+        self.expect_video = False
+        self.layout = layout
+        self.cube_ids = (
+            layout.cube_ids.to(device) if layout is not None else torch.full((bsz, n), -1, dtype=torch.long, device=device)
+        )
+        self.index = build_cube_index(self.cube_ids)
+        self.mean_keys = {}
+        self.residual = {}
+
+    def cube_ids_for(self, bsz: int, nk: int, device) -> torch.Tensor:
+        if self.cube_ids is None:
+            return torch.full((bsz, nk), -1, dtype=torch.long, device=device)
+        if self.cube_ids.shape[0] != bsz:
+            raise ValueError(
+                f"AdaSpark: batch size changed from {self.cube_ids.shape[0]} to {bsz} within one sequence "
+                "(beam search and cache reordering are not supported)"
+            )
+        n0 = self.cube_ids.shape[1]
+        if nk < n0:
+            raise ValueError(f"AdaSpark: key length {nk} is shorter than the prefilled sequence {n0}")
+        if nk == n0:
+            return self.cube_ids
+        return torch.cat([self.cube_ids, self.cube_ids.new_full((bsz, nk - n0), -1)], dim=1)
+
+    def has_cubes(self) -> bool:
+        return self.index is not None and self.index.max_cubes > 0
+
+    # ---------------------------------------------------------------- compute
+    def attention(self, module, q, k, v, key_valid, scaling):
+        li = int(module.layer_idx)
+        bsz, _, nq, _ = q.shape
+        nk = k.shape[2]
+        self.rows[li] += bsz * nq
+        self.offset = nk - nq
+        st = self.attn_stats[li]
+        cfg = self.config
+        if li in self.dense_layers or not cfg.sparse_attn or not self.has_cubes():
+            return dense_causal_attention(q, k, v, scale=scaling, key_mask=key_valid, stats=st)
+        cube_ids = self.cube_ids_for(bsz, nk, q.device)
+        mk = self.mean_keys.get(li)
+        if mk is None:
+            with torch.no_grad():
+                mk = cube_mean_keys(k, self.index)
+            self.mean_keys[li] = mk
+            st.mean_key_tokens += int((self.cube_ids >= 0).sum())
+        return cube_sparse_attention(
+            q, k, v, cube_ids, policy=self.attn_policy, scale=scaling, key_mask=key_valid,
+            backend=cfg.backend, mean_keys=mk, index=self.index, stats=st, query_block=cfg.query_block,
+        )
+
+    def ffn(self, li: int, dense_forward, h: torch.Tensor) -> torch.Tensor:
+        x = self.residual.pop(li, None)
+        bsz, n = h.shape[:2]
+        st = self.ffn_stats[li]
+        ids = None
+        if x is not None and self.has_cubes() and h.dim() == 3:
+            ids = self.cube_ids_for(bsz, self.offset + n, h.device)[:, self.offset : self.offset + n]
+            if not bool((ids >= 0).any()):
+                ids = None
+        if ids is None:
+            st.tokens += bsz * n
+            st.ffn_rows += bsz * n
+            return dense_forward(h)
+        index = self.index if (self.offset == 0 and n == self.index.seq_len) else None
+        return cube_sparse_ffn(
+            h, dense_forward, ids, policy=self.ffn_policy, scores=token_scores(x),
+            mean_compensation=self.config.mean_compensation, backend=self.config.backend, index=index,
+            stats=st,
+        )
+
+    # ---------------------------------------------------------------- FLOPs of the rest
+    def vision_pre(self, module, args, kwargs) -> None:
+        self._flop_mode = FlopCounterMode(display=False)
+        self._flop_mode.__enter__()
+
+    def vision_post(self, module, args, kwargs, output) -> None:
+        mode, self._flop_mode = self._flop_mode, None
+        if mode is not None:
+            mode.__exit__(None, None, None)
+            flops = float(mode.get_total_flops())
+            self.vision_flops += flops
+            self._vision_pending += flops
+
+    def vl_post(self, module, args, kwargs, output) -> None:
+        self._vision_pending = 0.0
+
+    def lm_head_post(self, module, args, output) -> None:
+        x = args[0]
+        rows = x.numel() // x.shape[-1]
+        self.lm_head_flops += 2.0 * rows * module.in_features * module.out_features
+
+    # ---------------------------------------------------------------- report
+    def report(self) -> Report:
+        layers = []
+        tot_d = tot_s = tot_i = 0.0
+        for i in range(self.num_layers):
+            st = self.attn_stats[i]
+            sparse = i not in self.dense_layers
+            ffn = self.ffn_stats[i] if self.sparse_ffn_layer(i) else None
+            fd, fs, fi, bd = layer_flops(self.dims, self.rows[i], st, ffn, sparse=sparse)
+            tot_d, tot_s, tot_i = tot_d + fd, tot_s + fs, tot_i + fi
+            sel = st.selections.clamp_min(1)
+            layers.append(
+                LayerReport(
+                    index=i,
+                    dense=not sparse,
+                    attn_density=st.density,
+                    attn_density_executed=st.executed_density,
+                    ffn_active=ffn.active_fraction if ffn is not None else 1.0,
+                    entropy=(st.entropy_sum / sel).tolist(),
+                    cubes_kept=(st.kept_sum / sel).tolist(),
+                    candidates=(st.candidates_sum / sel).tolist(),
+                    flops_dense=fd,
+                    flops_sparse=fs,
+                    flops_sparse_ideal=fi,
+                    breakdown=bd,
+                )
+            )
+        extra = self.vision_flops + self.lm_head_flops
+        return Report(
+            layers=layers,
+            flops_dense=tot_d + extra,
+            flops_sparse=tot_s + extra,
+            flops_sparse_ideal=tot_i + extra,
+            llm_flops_dense=tot_d,
+            llm_flops_sparse=tot_s,
+            llm_flops_sparse_ideal=tot_i,
+            vision_flops=self.vision_flops,
+            lm_head_flops=self.lm_head_flops,
+            tokens=self.rows[0] if self.num_layers else 0,
+            video_tokens=self.layout.num_video_tokens if self.layout is not None else 0,
+            forward_calls=self.calls,
+        )
+
+
+class _SparseMLPForward:
+    """Instance-level ``forward`` of one MLP: AdaS-FFN through the model's state."""
+
+    def __init__(self, state: _State, layer_idx: int, dense_forward) -> None:
+        self.state = state
+        self.layer_idx = layer_idx
+        self.dense_forward = dense_forward
+
+    def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.state.ffn(self.layer_idx, self.dense_forward, hidden_states)
+
+
+class AdaSparkHandle:
+    """What :func:`patch` returns: ``report()`` for the last call, ``remove()`` to undo the patch.
+
+    Also a context manager: ``with adaspark.patch(model, cfg) as h: ...`` removes on exit.
+    """
+
+    def __init__(self, state: _State, undo: list) -> None:
+        self._state: _State | None = state
+        self._undo = undo
+        self.config = state.config
+
+    @property
+    def active(self) -> bool:
+        return self._state is not None
+
+    @property
+    def layout(self) -> Layout | None:
+        """The cube layout of the current sequence (None without video)."""
+        return None if self._state is None else self._state.layout
+
+    def report(self) -> Report:
+        """FLOPs and sparsity of the last forward / generate call."""
+        if self._state is None:
+            raise RuntimeError("this AdaSpark handle has been removed; patch the model again")
+        return self._state.report()
+
+    def remove(self) -> None:
+        """Restore the model exactly (idempotent)."""
+        if self._state is None:
+            return
+        for fn in reversed(self._undo):
+            fn()
+        self._undo = []
+        model = self._state.parts.model
+        if _PATCHED.get(model) is self:
+            del _PATCHED[model]
+        self._state = None
+
+    def __enter__(self) -> AdaSparkHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        status = "active" if self.active else "removed"
+        return f"AdaSparkHandle({status}, {self.config!r})"
+
+
+def _set_instance_attr(obj, name: str, value, undo: list) -> None:
+    had = name in obj.__dict__
+    old = obj.__dict__.get(name)
+    object.__setattr__(obj, name, value)
+
+    def restore() -> None:
+        if had:
+            object.__setattr__(obj, name, old)
+        else:
+            obj.__dict__.pop(name, None)
+
+    undo.append(restore)
+
+
+def patch(model: torch.nn.Module, config: AdaSparkConfig | None = None) -> AdaSparkHandle:
+    """Switch AdaSpark on for a Qwen2.5-VL / Qwen2-VL model (prefill and decoding).
+
+    Patching an already patched model first removes the earlier patch, so the result is always
+    that of one patch with ``config``.
+
+    Args:
+        model: ``Qwen2_5_VLForConditionalGeneration``, ``Qwen2VLForConditionalGeneration`` or their
+            ``*Model`` backbones from transformers 5.x.
+        config: settings (default :class:`~adaspark.config.AdaSparkConfig()`).
+
+    Returns:
+        An :class:`AdaSparkHandle`.
+    """
+    if config is None:
+        config = AdaSparkConfig()
+    if not isinstance(config, AdaSparkConfig):
+        raise ValueError(f"config must be an AdaSparkConfig, got {type(config).__name__}")
+    parts = find_parts(model)
+    n_layers = len(parts.layers)
+    bad = [i for i in config.dense_layers if not -n_layers <= i < n_layers]
+    if bad:
+        raise ValueError(f"AdaSparkConfig.dense_layers {bad} out of range for a model with {n_layers} layers")
+    old = _PATCHED.get(model)
+    if old is not None:
+        old.remove()
+    attn_backend.register()
+    state = _State(config, parts)
+    undo: list = []
+
+    tc = parts.text_config
+    prev_impl = tc._attn_implementation
+    tc._attn_implementation = attn_backend.ATTN_NAME
+    undo.append(lambda: setattr(tc, "_attn_implementation", prev_impl))
+
+    original_rope = parts.vl.get_rope_index
+    _set_instance_attr(parts.vl, "get_rope_index", partial(state.capture_rope_call, original_rope), undo)
+
+    hooks = [
+        parts.vl.register_forward_pre_hook(state.on_vl_forward, with_kwargs=True),
+        parts.vl.register_forward_hook(state.vl_post, with_kwargs=True, always_call=True),
+        parts.language_model.register_forward_pre_hook(state.on_lm_forward, with_kwargs=True),
+    ]
+    if parts.visual is not None:
+        hooks.append(parts.visual.register_forward_pre_hook(state.vision_pre, with_kwargs=True))
+        hooks.append(parts.visual.register_forward_hook(state.vision_post, with_kwargs=True, always_call=True))
+    if isinstance(parts.lm_head, torch.nn.Linear):
+        hooks.append(parts.lm_head.register_forward_hook(state.lm_head_post))
+
+    for i, layer in enumerate(parts.layers):
+        attn = layer.self_attn
+        attn_backend.route(attn, state)
+        undo.append(partial(attn_backend.unroute, attn))
+        if not state.sparse_ffn_layer(i):
+            continue
+        mlp = layer.mlp
+
+        def keep_residual(module, args, i=i):
+            state.residual[i] = args[0]
+
+        hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(keep_residual))
+        dense_forward = mlp.__dict__.get("forward", partial(type(mlp).forward, mlp))
+        _set_instance_attr(mlp, "forward", _SparseMLPForward(state, i, dense_forward), undo)
+    undo.extend(h.remove for h in hooks)
+    handle = AdaSparkHandle(state, undo)
+    _PATCHED[model] = handle
+    return handle

@@ -132,9 +132,7 @@ class AdaSparkConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"AdaSparkConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
         if not _is_int(self.query_block) or self.query_block < 1:
-            raise ValueError(
-                f"AdaSparkConfig.query_block must be an integer >= 1, got {self.query_block!r}"
-            )
+            raise ValueError(f"AdaSparkConfig.query_block must be an integer >= 1, got {self.query_block!r}")
 
     # ------------------------------------------------------------------ derived values
     @property

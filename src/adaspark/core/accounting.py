@@ -118,7 +118,9 @@ class Report:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(
-            saved=self.saved, saved_ideal=self.saved_ideal, llm_saved=self.llm_saved,
+            saved=self.saved,
+            saved_ideal=self.saved_ideal,
+            llm_saved=self.llm_saved,
             llm_saved_ideal=self.llm_saved_ideal,
         )
         return d

@@ -99,7 +99,9 @@ def _num_cubes(grid: tuple[int, int, int], cube: tuple[int, int, int]) -> int:
     return (-(-grid[0] // cube[0])) * (-(-grid[1] // cube[1])) * (-(-grid[2] // cube[2]))
 
 
-def token_types_from_ids(input_ids: torch.Tensor, *, image_token_id: int, video_token_id: int) -> torch.Tensor:
+def token_types_from_ids(
+    input_ids: torch.Tensor, *, image_token_id: int, video_token_id: int
+) -> torch.Tensor:
     """``mm_token_type_ids`` (0 text, 1 image, 2 video) from the placeholder token ids."""
     types = torch.zeros_like(input_ids)
     types[input_ids == image_token_id] = IMAGE
@@ -123,7 +125,9 @@ def _llm_grid(grid, merge: int, what: str) -> tuple[int, int, int]:
     if t < 1 or h < 1 or w < 1:
         raise ValueError(f"{what}: grid_thw {[t, h, w]} must be positive")
     if h % merge or w % merge:
-        raise ValueError(f"{what}: grid_thw {[t, h, w]} has H or W not divisible by spatial_merge_size {merge}")
+        raise ValueError(
+            f"{what}: grid_thw {[t, h, w]} has H or W not divisible by spatial_merge_size {merge}"
+        )
     return t, h // merge, w // merge
 
 
@@ -159,7 +163,9 @@ def build_layout(
     types_all = mm_token_type_ids.long()
     if attention_mask is not None:
         if attention_mask.shape != (bsz, n):
-            raise ValueError(f"attention_mask must be [B, N] = [{bsz}, {n}], got {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"attention_mask must be [B, N] = [{bsz}, {n}], got {tuple(attention_mask.shape)}"
+            )
         types_all = types_all.masked_fill(attention_mask == 0, TEXT)
     grids = {
         VIDEO: [] if video_grid_thw is None else [tuple(int(x) for x in g) for g in video_grid_thw.tolist()],
@@ -206,13 +212,15 @@ def build_layout(
                     local = grid_cube_ids(t, h, w, cube)
                     nc = _num_cubes((t, h, w), cube)
                     cube_ids[b, pos : pos + count] = local + next_cube
-                    spans.append(
-                        VisualSpan(b, positions, (t, h, w), names[kind], next_cube, nc)
-                    )
+                    spans.append(VisualSpan(b, positions, (t, h, w), names[kind], next_cube, nc))
                     next_cube += nc
                 pos += count
     for kind in (VIDEO, IMAGE):
-        if grids[kind] and used[kind] != len(grids[kind]) and (kind == VIDEO or images_as_video or used[kind]):
+        if (
+            grids[kind]
+            and used[kind] != len(grids[kind])
+            and (kind == VIDEO or images_as_video or used[kind])
+        ):
             raise ValueError(
                 f"{grid_keys[kind]} describes {len(grids[kind])} {names[kind]}s but the sequence holds "
                 f"{used[kind]}: grid and token count do not match"

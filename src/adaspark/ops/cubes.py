@@ -89,7 +89,9 @@ def build_cube_index(cube_ids: torch.Tensor) -> CubeIndex:
     for b, (_, _, cnt) in enumerate(per_sample):
         if nc[b] > 0 and bool((cnt[: nc[b]] == 0).any()):
             missing = int((cnt[: nc[b]] == 0).nonzero()[0].item())
-            raise ValueError(f"cube_ids of sample {b} skip cube id {missing}: ids must be 0..C-1 without gaps")
+            raise ValueError(
+                f"cube_ids of sample {b} skip cube id {missing}: ids must be 0..C-1 without gaps"
+            )
     token_idx = torch.full((bsz, c_max, s_max), -1, dtype=torch.long, device=dev)
     for b, (vpos, vcid, cnt) in enumerate(per_sample):
         if vpos.numel() == 0:

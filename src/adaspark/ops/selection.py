@@ -144,4 +144,3 @@ def keep_from_probs(probs: torch.Tensor, valid: torch.Tensor, policy: SelectionP
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-

@@ -158,7 +158,9 @@ class _State:
         types = bound.get("mm_token_type_ids")
         p = self.parts
         if types is None:
-            types = token_types_from_ids(input_ids, image_token_id=p.image_token_id, video_token_id=p.video_token_id)
+            types = token_types_from_ids(
+                input_ids, image_token_id=p.image_token_id, video_token_id=p.video_token_id
+            )
         layout = build_layout(
             types,
             bound.get("video_grid_thw"),
@@ -184,11 +186,12 @@ class _State:
         types = kwargs.get("mm_token_type_ids")
         vid = self.parts.video_token_id
         self.expect_video = bool(
-            (input_ids is not None and (input_ids == vid).any())
-            or (types is not None and (types == 2).any())
+            (input_ids is not None and (input_ids == vid).any()) or (types is not None and (types == 2).any())
         )
         if self.config.images_as_video:
-            self.expect_video |= bool(input_ids is not None and (input_ids == self.parts.image_token_id).any())
+            self.expect_video |= bool(
+                input_ids is not None and (input_ids == self.parts.image_token_id).any()
+            )
         if self.pending is not None and input_ids is not None:
             ids = self.pending[0]
             if ids.shape != input_ids.shape or not torch.equal(ids.to(input_ids.device), input_ids):
@@ -219,7 +222,9 @@ class _State:
         self.expect_video = False
         self.layout = layout
         self.cube_ids = (
-            layout.cube_ids.to(device) if layout is not None else torch.full((bsz, n), -1, dtype=torch.long, device=device)
+            layout.cube_ids.to(device)
+            if layout is not None
+            else torch.full((bsz, n), -1, dtype=torch.long, device=device)
         )
         self.index = build_cube_index(self.cube_ids)
         self.mean_keys = {}
@@ -262,8 +267,18 @@ class _State:
             self.mean_keys[li] = mk
             st.mean_key_tokens += int((self.cube_ids >= 0).sum())
         return cube_sparse_attention(
-            q, k, v, cube_ids, policy=self.attn_policy, scale=scaling, key_mask=key_valid,
-            backend=cfg.backend, mean_keys=mk, index=self.index, stats=st, query_block=cfg.query_block,
+            q,
+            k,
+            v,
+            cube_ids,
+            policy=self.attn_policy,
+            scale=scaling,
+            key_mask=key_valid,
+            backend=cfg.backend,
+            mean_keys=mk,
+            index=self.index,
+            stats=st,
+            query_block=cfg.query_block,
         )
 
     def ffn(self, li: int, dense_forward, h: torch.Tensor) -> torch.Tensor:
@@ -281,8 +296,14 @@ class _State:
             return dense_forward(h)
         index = self.index if (self.offset == 0 and n == self.index.seq_len) else None
         return cube_sparse_ffn(
-            h, dense_forward, ids, policy=self.ffn_policy, scores=token_scores(x),
-            mean_compensation=self.config.mean_compensation, backend=self.config.backend, index=index,
+            h,
+            dense_forward,
+            ids,
+            policy=self.ffn_policy,
+            scores=token_scores(x),
+            mean_compensation=self.config.mean_compensation,
+            backend=self.config.backend,
+            index=index,
             stats=st,
         )
 
@@ -471,7 +492,9 @@ def patch(model: torch.nn.Module, config: AdaSparkConfig | None = None) -> AdaSp
     ]
     if parts.visual is not None:
         hooks.append(parts.visual.register_forward_pre_hook(state.vision_pre, with_kwargs=True))
-        hooks.append(parts.visual.register_forward_hook(state.vision_post, with_kwargs=True, always_call=True))
+        hooks.append(
+            parts.visual.register_forward_hook(state.vision_post, with_kwargs=True, always_call=True)
+        )
     if isinstance(parts.lm_head, torch.nn.Linear):
         hooks.append(parts.lm_head.register_forward_hook(state.lm_head_post))
 

@@ -62,14 +62,21 @@ def tiny_qwen2_5_vl_config(
         from transformers import Qwen2_5_VLConfig
 
         vision = dict(
-            depth=vision_depth, hidden_size=vision_hidden, num_heads=2, intermediate_size=2 * vision_hidden,
-            out_hidden_size=hidden_size, fullatt_block_indexes=[vision_depth - 1], window_size=56,
+            depth=vision_depth,
+            hidden_size=vision_hidden,
+            num_heads=2,
+            intermediate_size=2 * vision_hidden,
+            out_hidden_size=hidden_size,
+            fullatt_block_indexes=[vision_depth - 1],
+            window_size=56,
         )
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
     if model_type == "qwen2_vl":
         from transformers import Qwen2VLConfig
 
-        vision = dict(depth=vision_depth, embed_dim=vision_hidden, num_heads=2, hidden_size=hidden_size, mlp_ratio=2)
+        vision = dict(
+            depth=vision_depth, embed_dim=vision_hidden, num_heads=2, hidden_size=hidden_size, mlp_ratio=2
+        )
         return Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
     raise ValueError(f"model_type must be 'qwen2_5_vl' or 'qwen2_vl', got {model_type!r}")
 
@@ -141,7 +148,7 @@ def build_inputs(
     input_ids = torch.full((bsz, n_max), TINY_IDS["pad"], dtype=torch.long)
     mm = torch.zeros(bsz, n_max, dtype=torch.long)
     am = torch.zeros(bsz, n_max, dtype=torch.long)
-    for b, (s, t) in enumerate(zip(seqs, types)):
+    for b, (s, t) in enumerate(zip(seqs, types, strict=False)):
         sl = slice(n_max - len(s), n_max) if padding_side == "left" else slice(0, len(s))
         input_ids[b, sl] = torch.tensor(s)
         mm[b, sl] = torch.tensor(t)

@@ -38,7 +38,9 @@ def resolve_attention_backend(backend: str, device: torch.device, dtype: torch.d
     if backend == "auto":
         return "blocked"
     if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose from 'auto', {sorted(ATTENTION_BACKENDS)}")
+        raise ValueError(
+            f"unknown attention backend {backend!r}; choose from 'auto', {sorted(ATTENTION_BACKENDS)}"
+        )
     return backend
 
 
@@ -92,6 +94,16 @@ def cube_sparse_attention(
         raise ValueError(f"p must be in (0, 1], got {p!r}")
     name = resolve_attention_backend(backend, q.device, q.dtype)
     return ATTENTION_BACKENDS[name](
-        q, k, v, cube_ids, p, policy=policy, scale=scale, key_mask=key_mask, mean_keys=mean_keys,
-        index=index, stats=stats, query_block=query_block,
+        q,
+        k,
+        v,
+        cube_ids,
+        p,
+        policy=policy,
+        scale=scale,
+        key_mask=key_mask,
+        mean_keys=mean_keys,
+        index=index,
+        stats=stats,
+        query_block=query_block,
     )

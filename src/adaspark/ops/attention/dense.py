@@ -28,7 +28,7 @@ def dense_causal_attention(
     Without padding and with ``Nq == Nk`` this is one ``is_causal`` SDPA call; otherwise queries are
     processed in blocks of ``query_block`` with a ``[B, 1, bq, Nk]`` mask. Padding queries give 0.
     """
-    bsz, hq, nq, d = q.shape
+    bsz, hq, nq, _d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     gqa = hq != hkv
     if key_mask is None and nq == nk:

@@ -21,7 +21,7 @@ __all__ = ["cube_sparse_attention_reference", "reference_attention_mask", "refer
 
 
 def _prepare(q, k, cube_ids, key_mask, mean_keys, index):
-    bsz, hq, hkv, nq, nk, d = check_attention_inputs(q, k, k, cube_ids, key_mask)
+    bsz, _hq, _hkv, _nq, nk, _d = check_attention_inputs(q, k, k, cube_ids, key_mask)
     if index is None:
         index = build_cube_index(cube_ids)
     if mean_keys is None:
@@ -81,8 +81,16 @@ def reference_attention_mask(
     """
     index, mean_keys, key_mask = _prepare(q, k, cube_ids, key_mask, mean_keys, index)
     keep = reference_cube_keep(
-        q, k, cube_ids, p, policy=policy, scale=scale, key_mask=key_mask, mean_keys=mean_keys,
-        index=index, stats=stats,
+        q,
+        k,
+        cube_ids,
+        p,
+        policy=policy,
+        scale=scale,
+        key_mask=key_mask,
+        mean_keys=mean_keys,
+        index=index,
+        stats=stats,
     )
     bsz, hq, nq, _ = q.shape
     nk = k.shape[2]
@@ -132,8 +140,16 @@ def cube_sparse_attention_reference(
     scale = d**-0.5 if scale is None else scale
     own_means = mean_keys is None
     mask = reference_attention_mask(
-        q, k, cube_ids, p, policy=policy, scale=scale, key_mask=key_mask, mean_keys=mean_keys,
-        index=index, stats=stats,
+        q,
+        k,
+        cube_ids,
+        p,
+        policy=policy,
+        scale=scale,
+        key_mask=key_mask,
+        mean_keys=mean_keys,
+        index=index,
+        stats=stats,
     )
     g = hq // hkv
     kr = k.repeat_interleave(g, dim=1)
@@ -153,4 +169,3 @@ def cube_sparse_attention_reference(
         stats.executed += int(qvalid.sum()) * nk * hq  # the naive kernel scores every key
         stats.mean_key_tokens += int((cube_ids >= 0).sum()) if own_means else 0
     return out
-

@@ -78,6 +78,13 @@ def cube_sparse_ffn(
         raise ValueError(f"p must be in (0, 1], got {p!r}")
     fn = FFN_BACKENDS[resolve_ffn_backend(backend)]
     return fn(
-        x, f, cube_ids, p, policy=policy, scores=scores, mean_compensation=mean_compensation, index=index,
+        x,
+        f,
+        cube_ids,
+        p,
+        policy=policy,
+        scores=scores,
+        mean_compensation=mean_compensation,
+        index=index,
         stats=stats,
     )

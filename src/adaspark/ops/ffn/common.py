@@ -45,7 +45,11 @@ class FFNStats:
 def check_ffn_inputs(x: torch.Tensor, cube_ids: torch.Tensor, scores: torch.Tensor | None) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
         raise ValueError(f"x must be a float tensor [B, N, d], got {getattr(x, 'shape', type(x))}")
-    if not isinstance(cube_ids, torch.Tensor) or cube_ids.shape != x.shape[:2] or cube_ids.dtype != torch.int64:
+    if (
+        not isinstance(cube_ids, torch.Tensor)
+        or cube_ids.shape != x.shape[:2]
+        or cube_ids.dtype != torch.int64
+    ):
         raise ValueError(
             f"cube_ids must be an int64 tensor [B, N] = {list(x.shape[:2])}, got "
             f"{tuple(getattr(cube_ids, 'shape', ()))} {getattr(cube_ids, 'dtype', '')}"

@@ -205,7 +205,8 @@ def main() -> None:
     data |= sampling_table()
 
     versions = {
-        pkg: importlib.metadata.version(pkg) for pkg in ("transformers", "torch", "torchvision", "av", "numpy")
+        pkg: importlib.metadata.version(pkg)
+        for pkg in ("transformers", "torch", "torchvision", "av", "numpy")
     }
     settings = {
         "video_file": args.video.name,

@@ -249,7 +249,9 @@ def preprocess_video(
     num_frames, _, height, width = video.shape
     if cap_pixels_per_frame:
         total_pixels = int(max_video_tokens * factor * factor * 0.9)
-        max_pixels = max(min(max_pixels, total_pixels * temporal_patch_size // num_frames), int(min_pixels * 1.05))
+        max_pixels = max(
+            min(max_pixels, total_pixels * temporal_patch_size // num_frames), int(min_pixels * 1.05)
+        )
     new_size = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     video = resize_frames(video, new_size)
 

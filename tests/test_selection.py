@@ -1,0 +1,98 @@
+import math
+import random
+
+import pytest
+import torch
+
+from adaspark.ops.selection import SelectionPolicy, entropy, keep_from_probs, masked_softmax
+
+
+def naive_keep(probs: list[float], valid: list[bool], pol: SelectionPolicy) -> list[bool]:
+    """Textbook selection on Python floats: stable descending sort, then the policy's prefix."""
+    cand = [i for i in range(len(probs)) if valid[i]]
+    order = sorted(cand, key=lambda i: -probs[i])  # Python's sort is stable
+    n = len(order)
+    if n == 0:
+        return [False] * len(probs)
+    if pol.kind == "top_p":
+        if pol.p >= 1:
+            k = n
+        else:
+            k, acc = 0, 0.0
+            while k < n and acc < pol.p:
+                acc += probs[order[k]]
+                k += 1
+    elif pol.kind == "top_k":
+        k = min(pol.k, n)
+    else:
+        k = max(1, math.ceil(pol.ratio * n - 1e-9))
+    k = max(k, min(max(pol.min_keep, 1), n))
+    k = min(k, n)
+    if pol.max_keep is not None:
+        k = min(k, pol.max_keep)
+    out = [False] * len(probs)
+    for i in order[:k]:
+        out[i] = True
+    return out
+
+
+@pytest.mark.parametrize(
+    "pol",
+    [
+        SelectionPolicy(p=0.3),
+        SelectionPolicy(p=0.7),
+        SelectionPolicy(p=0.95),
+        SelectionPolicy(p=1.0),
+        SelectionPolicy(kind="top_k", k=3),
+        SelectionPolicy(kind="ratio", ratio=0.4),
+        SelectionPolicy(p=0.5, min_keep=4),
+        SelectionPolicy(p=0.99, max_keep=2),
+    ],
+)
+def test_keep_matches_naive(pol):
+    rng = random.Random(0)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(40):
+        c = rng.randint(1, 12)
+        valid = torch.rand(c, generator=g) < 0.8
+        probs = masked_softmax(torch.randn(c, generator=g) * 3, valid).double()
+        got = keep_from_probs(probs[None], valid[None], pol)[0].tolist()
+        assert got == naive_keep(probs.tolist(), valid.tolist(), pol)
+
+
+def test_ties_keep_lower_index_first():
+    probs = torch.tensor([[0.25, 0.25, 0.25, 0.25]])
+    keep = keep_from_probs(probs, torch.ones_like(probs, dtype=torch.bool), SelectionPolicy(p=0.5))
+    assert keep.tolist() == [[True, True, False, False]]
+
+
+def test_at_least_one_and_empty_rows():
+    probs = torch.tensor([[0.9, 0.1, 0.0], [0.0, 0.0, 0.0]])
+    valid = torch.tensor([[True, True, False], [False, False, False]])
+    keep = keep_from_probs(probs, valid, SelectionPolicy(p=0.01))
+    assert keep.tolist() == [[True, False, False], [False, False, False]]
+
+
+def test_p_one_keeps_even_zero_probability_candidates():
+    probs = torch.tensor([[1.0, 0.0, 0.0]])
+    keep = keep_from_probs(probs, torch.ones(1, 3, dtype=torch.bool), SelectionPolicy(p=1.0))
+    assert keep.all()
+
+
+def test_masked_softmax_and_entropy():
+    s = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    valid = torch.tensor([[True, False, True], [False, False, False]])
+    p = masked_softmax(s, valid)
+    assert p[0, 1] == 0 and torch.allclose(p[0].sum(), torch.tensor(1.0))
+    assert p[1].sum() == 0
+    uniform = torch.full((1, 4), 0.25)
+    assert torch.allclose(entropy(uniform), torch.tensor([math.log(4)]))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(kind="nucleus"), dict(p=0.0), dict(p=1.5), dict(k=0), dict(ratio=0), dict(min_keep=-1), dict(max_keep=0)],
+)
+def test_policy_validation(kwargs):
+    with pytest.raises(ValueError):
+        SelectionPolicy(**kwargs)

@@ -26,7 +26,9 @@ def nan_empty(monkeypatch):
     yield
 
 
-def make_cube_ids(bsz: int, n: int, videos: list[list[tuple[int, tuple[int, int, int], tuple[int, int, int]]]]):
+def make_cube_ids(
+    bsz: int, n: int, videos: list[list[tuple[int, tuple[int, int, int], tuple[int, int, int]]]]
+):
     """``[B, N]`` cube ids from per-sample lists of ``(start, (t, h, w) tokens, cube)`` videos."""
     from adaspark.core.layout import grid_cube_ids
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_cube_ids
 
 from adaspark.ops import (
     AttentionStats,
@@ -18,6 +17,8 @@ from adaspark.ops import (
 )
 from adaspark.ops.attention import reference_cube_keep
 from adaspark.ops.cubes import build_cube_index, cube_mean_keys
+
+from conftest import make_cube_ids
 
 # (name, B, Hq, Hkv, N, D, videos per sample [(start, (t,h,w), cube)], padding per sample ("l"/"r", n))
 CASES = [
@@ -109,9 +110,9 @@ def test_p1_is_dense(case):
 
 @pytest.mark.parametrize("case", CASES[2:], ids=[c[0] for c in CASES[2:]])
 def test_own_cube_and_text_always_attended_and_causal(case):
-    q, k, v, ids, km = make_case(case)
+    q, k, _v, ids, km = make_case(case)
     mask = reference_attention_mask(q, k, ids, 0.05, key_mask=km)  # very sparse
-    bsz, hq, n, _ = mask.shape
+    bsz, _hq, n, _ = mask.shape
     kmask = torch.ones(bsz, n, dtype=torch.bool) if km is None else km
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     valid = causal[None] & kmask[:, None, :] & kmask[:, :, None]  # [B, N, N]
@@ -184,7 +185,7 @@ def test_stats_equal_brute_force_counts(backend):
 
 def test_decode_selects_like_the_reference():
     """A new (text) token scores cached cube mean keys and selects what the full reference selects."""
-    q, k, v, ids, km = make_case(CASES[5], seed=5)
+    q, k, v, ids, _km = make_case(CASES[5], seed=5)
     n = q.shape[2]
     pre = build_cube_index(ids[:, : n - 1])
     cached = cube_mean_keys(k[:, :, : n - 1], pre)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from adaspark import AdaSparkConfig
@@ -9,7 +11,7 @@ def test_defaults_and_overrides():
     c2 = c.replace(p=0.5, p_ffn=0.8)
     assert c2.attn_p == 0.5 and c2.ffn_p == 0.8
     assert c2.attn_policy().p == 0.5 and c2.ffn_policy().p == 0.8
-    with pytest.raises(Exception):  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.p = 0.3  # type: ignore[misc]
 
 

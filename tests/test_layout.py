@@ -9,11 +9,16 @@ def brute_cube(t, h, w, cube):
     ct, ch, cw = cube
     nh, nw = -(-h // ch), -(-w // cw)
     return [
-        (ti // ct) * nh * nw + (y // ch) * nw + (x // cw) for ti in range(t) for y in range(h) for x in range(w)
+        (ti // ct) * nh * nw + (y // ch) * nw + (x // cw)
+        for ti in range(t)
+        for y in range(h)
+        for x in range(w)
     ]
 
 
-@pytest.mark.parametrize(("grid", "cube"), [((4, 4, 4), (4, 4, 4)), ((5, 3, 7), (2, 2, 3)), ((1, 1, 1), (4, 4, 4))])
+@pytest.mark.parametrize(
+    ("grid", "cube"), [((4, 4, 4), (4, 4, 4)), ((5, 3, 7), (2, 2, 3)), ((1, 1, 1), (4, 4, 4))]
+)
 def test_grid_cube_ids_time_major_raster(grid, cube):
     assert grid_cube_ids(*grid, cube).tolist() == brute_cube(*grid, cube)
 
@@ -41,7 +46,9 @@ def test_two_videos_and_image_with_padding():
     types[1, n - len(s1) :] = torch.tensor(s1)
     am[1, n - len(s1) :] = 1
     grids = torch.tensor([v1, v2, v3])
-    lay = build_layout(types, grids, cube=(1, 2, 2), attention_mask=am, image_grid_thw=torch.tensor([[1, 2, 2]]))
+    lay = build_layout(
+        types, grids, cube=(1, 2, 2), attention_mask=am, image_grid_thw=torch.tensor([[1, 2, 2]])
+    )
     ids = lay.cube_ids
     assert ids[0, 2:6].tolist() == [0, 0, 0, 0]
     assert (ids[0, 6:] == -1).all() and (ids[0, :2] == -1).all()
@@ -53,7 +60,11 @@ def test_two_videos_and_image_with_padding():
     assert len(lay.spans) == 3
     # images as one-frame videos
     lay2 = build_layout(
-        types, grids, cube=(1, 2, 2), attention_mask=am, image_grid_thw=torch.tensor([[1, 2, 2]]),
+        types,
+        grids,
+        cube=(1, 2, 2),
+        attention_mask=am,
+        image_grid_thw=torch.tensor([[1, 2, 2]]),
         images_as_video=True,
     )
     assert lay2.cube_ids[1, off + 1] == 0 and lay2.cube_ids[1, off + 3] == 1

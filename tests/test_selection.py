@@ -91,7 +91,15 @@ def test_masked_softmax_and_entropy():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(kind="nucleus"), dict(p=0.0), dict(p=1.5), dict(k=0), dict(ratio=0), dict(min_keep=-1), dict(max_keep=0)],
+    [
+        dict(kind="nucleus"),
+        dict(p=0.0),
+        dict(p=1.5),
+        dict(k=0),
+        dict(ratio=0),
+        dict(min_keep=-1),
+        dict(max_keep=0),
+    ],
 )
 def test_policy_validation(kwargs):
     with pytest.raises(ValueError):

@@ -1,0 +1,336 @@
+"""AdaSpark inside Hugging Face Qwen2.5-VL / Qwen2-VL (tiny random models built locally)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import adaspark
+from adaspark import AdaSparkConfig, patch
+from adaspark.core.accounting import layer_flops
+from adaspark.integrations.transformers import qwen2_vl as q2
+from adaspark.integrations.transformers.tiny import build_inputs, tiny_qwen2_5_vl, tiny_qwen2_vl
+from adaspark.ops import AttentionStats, reference_attention_mask
+from adaspark.ops.ffn import select_ffn_tokens_reference
+
+# sample 0: one video; sample 1: two videos (different sizes) -> left padding on sample 0
+GRIDS = [[(4, 8, 12)], [(2, 8, 8), (4, 4, 8)]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_qwen2_5_vl(num_layers=3)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return build_inputs(GRIDS, padding_side="left")
+
+
+def _valid(inputs):
+    return inputs["attention_mask"].bool()
+
+
+@torch.inference_mode()
+def test_p1_reproduces_dense_logits_and_generate(model, inputs):
+    ref = model(**inputs).logits
+    gen_ref = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    with patch(model, AdaSparkConfig(p=1.0)) as h:
+        out = model(**inputs).logits
+        gen = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        rep = h.report()
+    valid = _valid(inputs)
+    torch.testing.assert_close(out[valid], ref[valid], atol=2e-5, rtol=1e-4)
+    assert torch.equal(gen, gen_ref)
+    assert all(lr.attn_density == pytest.approx(1.0) for lr in rep.layers)
+    assert all(lr.ffn_active == 1.0 for lr in rep.layers)
+    assert rep.forward_calls == 6  # prefill + 5 decode steps
+
+
+@torch.inference_mode()
+def test_sparse_prefill_and_decode_run_and_report(model, inputs):
+    with patch(model, AdaSparkConfig(p=0.5, cube=(2, 2, 2))) as h:
+        out = model(**inputs).logits
+        rep = h.report()
+        assert torch.isfinite(out[_valid(inputs)]).all()
+        assert 0 < rep.layers[0].attn_density < 1 and 0 < rep.layers[0].ffn_active < 1
+        assert rep.flops_sparse_ideal < rep.flops_dense
+        assert rep.vision_flops > 0 and rep.lm_head_flops > 0
+        assert rep.flops_dense == pytest.approx(rep.llm_flops_dense + rep.vision_flops + rep.lm_head_flops)
+        assert rep.video_tokens == sum(t * h_ * w // 4 for g in GRIDS for (t, h_, w) in g)
+        assert len(rep.layers[0].entropy) == model.config.text_config.num_attention_heads
+        assert all(k > 0 for k in rep.layers[0].cubes_kept)
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        rep_gen = h.report()
+    assert gen.shape[1] == inputs["input_ids"].shape[1] + 4
+    assert rep_gen.forward_calls == 4 and rep_gen.tokens == rep.tokens + 3 * gen.shape[0]
+    assert rep_gen.vision_flops == pytest.approx(rep.vision_flops)  # generate pre-encodes the video
+
+
+@torch.inference_mode()
+def test_remove_restores_the_model_exactly(model, inputs):
+    keys = list(model.state_dict().keys())
+    ref = model(**inputs).logits
+    impl = model.config.text_config._attn_implementation
+    h = patch(model, AdaSparkConfig(p=0.3))
+    assert list(model.state_dict().keys()) == keys
+    assert not torch.allclose(model(**inputs).logits[_valid(inputs)], ref[_valid(inputs)])
+    h.remove()
+    h.remove()  # idempotent
+    assert model.config.text_config._attn_implementation == impl
+    assert list(model.state_dict().keys()) == keys
+    for mod in model.modules():
+        assert not mod._forward_hooks and not mod._forward_pre_hooks
+        assert "forward" not in mod.__dict__ and "get_rope_index" not in mod.__dict__
+    assert torch.equal(model(**inputs).logits, ref)
+    with pytest.raises(RuntimeError, match="removed"):
+        h.report()
+
+
+@torch.inference_mode()
+def test_patching_twice_equals_patching_once(model, inputs):
+    h1 = patch(model, AdaSparkConfig(p=0.9))
+    h2 = patch(model, AdaSparkConfig(p=0.4))
+    assert not h1.active and h2.active
+    twice = model(**inputs).logits
+    n_hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    h2.remove()
+    with patch(model, AdaSparkConfig(p=0.4)):
+        once = model(**inputs).logits
+        assert n_hooks == sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    assert torch.equal(twice, once)
+
+
+@torch.inference_mode()
+def test_padding_and_batching_change_nothing(model):
+    """Each sample of a left-padded batch gives the logits it gives alone (cube ids are per sample)."""
+    cfg = AdaSparkConfig(p=0.5, cube=(2, 2, 2))
+    batch = build_inputs(GRIDS, padding_side="left", seed=1)
+    with patch(model, cfg):
+        out = model(**batch).logits
+        n = batch["input_ids"].shape[1]
+        patches = [t * h * w for g in GRIDS for (t, h, w) in g]
+        start = 0
+        for b, grids in enumerate(GRIDS):
+            cnt = sum(t * h * w for (t, h, w) in grids)
+            pix = batch["pixel_values_videos"][start : start + cnt]
+            start += cnt
+            valid = batch["attention_mask"][b].bool()
+            single = {
+                "input_ids": batch["input_ids"][b : b + 1, valid],
+                "attention_mask": batch["attention_mask"][b : b + 1, valid],
+                "mm_token_type_ids": batch["mm_token_type_ids"][b : b + 1, valid],
+                "pixel_values_videos": pix,
+                "video_grid_thw": torch.tensor(grids),
+            }
+            alone = model(**single).logits[0]
+            torch.testing.assert_close(out[b, valid], alone, atol=3e-5, rtol=1e-4)
+        assert len(patches) == 3 and n > 0
+
+
+@torch.inference_mode()
+def test_right_padding_is_supported(model):
+    batch = build_inputs(GRIDS, padding_side="right", seed=2)
+    ref = model(**batch).logits
+    with patch(model, AdaSparkConfig(p=1.0)):
+        out = model(**batch).logits
+    valid = _valid(batch)
+    torch.testing.assert_close(out[valid], ref[valid], atol=2e-5, rtol=1e-4)
+
+
+@torch.inference_mode()
+def test_decoding_selects_like_a_full_prefill(model):
+    """Prefill N tokens + decode token N+1 from the cache == one forward over N+1 tokens."""
+    cfg = AdaSparkConfig(p=0.5, cube=(2, 2, 2))
+    inp = build_inputs([GRIDS[1]], seed=3)
+    nxt = torch.tensor([[123]])
+    full = {**inp}
+    full["input_ids"] = torch.cat([inp["input_ids"], nxt], 1)
+    full["attention_mask"] = torch.cat([inp["attention_mask"], torch.ones(1, 1, dtype=torch.long)], 1)
+    full["mm_token_type_ids"] = torch.cat([inp["mm_token_type_ids"], torch.zeros(1, 1, dtype=torch.long)], 1)
+    with patch(model, cfg) as h:
+        want = model(**full).logits[0, -1]
+        pre = model(**inp, use_cache=True)
+        # the M-RoPE position the full forward gives the extra token (generate() would use
+        # max(position) + 1, which can differ when video positions run past the text's)
+        pos, _ = model.model.get_rope_index(
+            full["input_ids"],
+            mm_token_type_ids=full["mm_token_type_ids"],
+            video_grid_thw=full["video_grid_thw"],
+            attention_mask=full["attention_mask"],
+        )
+        pos = pos[:, :, -1:]
+        step = model(
+            input_ids=nxt,
+            attention_mask=full["attention_mask"],
+            past_key_values=pre.past_key_values,
+            position_ids=pos,
+            use_cache=True,
+        )
+        rep = h.report()
+    torch.testing.assert_close(step.logits[0, -1], want, atol=3e-5, rtol=1e-4)
+    assert rep.forward_calls == 2
+
+
+@torch.inference_mode()
+def test_report_equals_brute_force_counts(model, inputs, monkeypatch):
+    """Per-layer density and FLOPs equal counts made from the reference masks of the same inputs."""
+    cfg = AdaSparkConfig(p=0.6, cube=(2, 2, 2))
+    seen_attn, seen_ffn = [], []
+    real_attn, real_ffn = q2.cube_sparse_attention, q2.cube_sparse_ffn
+
+    def spy_attn(q, k, v, cube_ids, p=0.9, **kw):
+        seen_attn.append((q, k, cube_ids, kw))
+        return real_attn(q, k, v, cube_ids, p, **kw)
+
+    def spy_ffn(x, f, cube_ids, p=0.9, **kw):
+        seen_ffn.append((cube_ids, kw["scores"], kw["policy"]))
+        return real_ffn(x, f, cube_ids, p, **kw)
+
+    monkeypatch.setattr(q2, "cube_sparse_attention", spy_attn)
+    monkeypatch.setattr(q2, "cube_sparse_ffn", spy_ffn)
+    with patch(model, cfg) as h:
+        model(**inputs)
+        rep = h.report()
+        dims = h._state.dims
+    n_layers = model.config.text_config.num_hidden_layers
+    assert len(seen_attn) == n_layers and len(seen_ffn) == n_layers
+    km = _valid(inputs)
+    nq = km.shape[1]
+    causal = torch.ones(nq, nq, dtype=torch.bool).tril()
+    valid_pairs = int((causal[None] & km[:, None, :] & km[:, :, None]).sum())
+    for i, ((q, k, ids, kw), (fids, scores, fpol)) in enumerate(zip(seen_attn, seen_ffn, strict=True)):
+        mask = reference_attention_mask(q, k, ids, policy=kw["policy"], scale=kw["scale"], key_mask=km)
+        attended = mask.sum(dim=(0, 2, 3)).double()
+        lr = rep.layers[i]
+        assert lr.attn_density == pytest.approx(attended.sum().item() / (valid_pairs * q.shape[1]))
+        active = select_ffn_tokens_reference(scores, fids, fpol)
+        video = fids >= 0
+        assert lr.ffn_active == pytest.approx((active & video).sum().item() / video.sum().item())
+        # FLOPs from brute-force counts with the documented formula
+        st = AttentionStats(q.shape[1], q.shape[3], k.shape[1])
+        st.causal_pairs = valid_pairs
+        st.attended = attended
+        st.executed = h_exec = int(round(lr.attn_density_executed * valid_pairs * q.shape[1]))
+        st.mean_key_tokens = int(video.sum())
+        keep_stats = AttentionStats(q.shape[1], q.shape[3])
+        reference_attention_mask(
+            q, k, ids, policy=kw["policy"], scale=kw["scale"], key_mask=km, stats=keep_stats
+        )
+        st.selections, st.candidates_sum = keep_stats.selections, keep_stats.candidates_sum
+        ffn_st = q2.FFNStats(
+            tokens=fids.numel(),
+            video_tokens=int(video.sum()),
+            active_video=int((active & video).sum()),
+            ffn_rows=int(active.sum()),
+            compensated=int((video & ~active).sum()),
+        )
+        fd, fs, fi, _ = layer_flops(dims, q.shape[0] * nq, st, ffn_st, sparse=True)
+        assert lr.flops_dense == pytest.approx(fd)
+        assert lr.flops_sparse_ideal == pytest.approx(fi)
+        assert lr.flops_sparse == pytest.approx(fs)
+        assert h_exec >= attended.sum().item()
+    assert rep.flops_sparse == pytest.approx(sum(lr.flops_sparse for lr in rep.layers) + rep.vision_flops + rep.lm_head_flops)
+
+
+@torch.inference_mode()
+def test_dense_layers_and_module_switches(model, inputs):
+    with patch(model, AdaSparkConfig(p=0.3, cube=(2, 2, 2), dense_layers=(0, -1))) as h:
+        model(**inputs)
+        rep = h.report()
+    assert rep.layers[0].dense and rep.layers[2].dense and not rep.layers[1].dense
+    assert rep.layers[0].attn_density == pytest.approx(1.0) and rep.layers[0].ffn_active == 1.0
+    assert rep.layers[1].attn_density < 1
+    with patch(model, AdaSparkConfig(p=0.3, cube=(2, 2, 2), sparse_ffn=False)) as h:
+        model(**inputs)
+        assert all(lr.ffn_active == 1.0 for lr in h.report().layers)
+    with patch(model, AdaSparkConfig(p=0.3, cube=(2, 2, 2), sparse_attn=False)) as h:
+        model(**inputs)
+        rep = h.report()
+        assert all(lr.attn_density == pytest.approx(1.0) for lr in rep.layers)
+        assert rep.layers[1].ffn_active < 1
+
+
+@torch.inference_mode()
+def test_reference_backend_matches_blocked_in_the_model(model, inputs):
+    valid = _valid(inputs)
+    outs = []
+    for backend in ("reference", "blocked"):
+        with patch(model, AdaSparkConfig(p=0.5, cube=(2, 2, 2), backend=backend)):
+            outs.append(model(**inputs).logits[valid])
+    torch.testing.assert_close(outs[0], outs[1], atol=3e-5, rtol=1e-4)
+
+
+@torch.inference_mode()
+def test_qwen2_vl_is_supported():
+    m = tiny_qwen2_vl(num_layers=2)
+    inp = build_inputs([[(4, 8, 8)], [(2, 8, 16)]])
+    ref = m(**inp).logits
+    gen_ref = m.generate(**inp, max_new_tokens=4, do_sample=False)
+    valid = _valid(inp)
+    with patch(m, AdaSparkConfig(p=1.0)):
+        torch.testing.assert_close(m(**inp).logits[valid], ref[valid], atol=2e-5, rtol=1e-4)
+        assert torch.equal(m.generate(**inp, max_new_tokens=4, do_sample=False), gen_ref)
+    with patch(m, AdaSparkConfig(p=0.4, cube=(2, 2, 2))) as h:
+        m.generate(**inp, max_new_tokens=3, do_sample=False)
+        assert h.report().layers[0].attn_density < 1
+
+
+@torch.inference_mode()
+def test_bf16_model_runs_sparse():
+    m = tiny_qwen2_5_vl(num_layers=2, dtype=torch.bfloat16)
+    inp = build_inputs([[(4, 8, 12)]])
+    inp["pixel_values_videos"] = inp["pixel_values_videos"].bfloat16()
+    with patch(m, AdaSparkConfig(p=0.5, cube=(2, 2, 2))) as h:
+        out = m(**inp).logits
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+        assert h.report().saved_ideal > 0
+
+
+def test_unsupported_model_is_named():
+    with pytest.raises(ValueError, match=r"Supported models: Qwen2\.5-VL"):
+        patch(torch.nn.Linear(2, 2), AdaSparkConfig())
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
+    with pytest.raises(ValueError, match="model_type 'llama'"):
+        patch(llama)
+
+
+def test_invalid_config_and_dense_layers(model):
+    with pytest.raises(ValueError, match="config must be an AdaSparkConfig"):
+        patch(model, {"p": 0.5})
+    with pytest.raises(ValueError, match="dense_layers"):
+        patch(model, AdaSparkConfig(dense_layers=(7,)))
+
+
+@torch.inference_mode()
+def test_grid_token_mismatch_is_a_clear_error(model, inputs):
+    bad = dict(inputs)
+    bad["video_grid_thw"] = inputs["video_grid_thw"].clone()
+    bad["video_grid_thw"][0, 0] += 2  # claims more frames than there are tokens
+    bad["pixel_values_videos"] = torch.randn(int(bad["video_grid_thw"].prod(-1).sum()), 1176)
+    with patch(model, AdaSparkConfig(p=0.5)), pytest.raises(ValueError, match="do not match"):
+        model(**bad)
+
+
+@torch.inference_mode()
+def test_missing_layout_is_a_clear_error(model, inputs):
+    """Video tokens whose M-RoPE index was never computed (no grid, no token types) are refused."""
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    with patch(model, AdaSparkConfig(p=0.5)), pytest.raises(ValueError, match="mm_token_type_ids"):
+        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    assert embeds.shape[0] == 2
+
+
+def test_import_does_not_pull_transformers():
+    import subprocess
+    import sys
+
+    code = "import adaspark, adaspark.ops, sys; assert 'transformers' not in sys.modules, 'imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert adaspark.__version__

@@ -163,3 +163,15 @@ def test_bad_inputs():
         cube_sparse_ffn(x, torch.nn.Identity(), ids[:, :-1], 0.5)
     with pytest.raises(ValueError, match="x must be a float tensor"):
         cube_sparse_ffn(x[0], torch.nn.Identity(), ids, 0.5)
+
+
+def test_chunked_cube_means_equal_one_shot(monkeypatch):
+    import adaspark.ops.ffn.gathered as gathered
+
+    x, ids = make(CASES[2])
+    f = SwiGLU()
+    with torch.no_grad():
+        one = cube_sparse_ffn_gathered(x, f, ids, 0.5)
+        monkeypatch.setattr(gathered, "SUM_CHUNK", 3)
+        chunked = cube_sparse_ffn_gathered(x, f, ids, 0.5)
+    torch.testing.assert_close(chunked, one, atol=1e-6, rtol=1e-6)

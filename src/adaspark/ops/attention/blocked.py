@@ -24,7 +24,11 @@ from adaspark.ops.attention.common import (
 from adaspark.ops.cubes import CubeIndex, build_cube_index, cube_mean_keys
 from adaspark.ops.selection import SelectionPolicy, as_policy
 
-__all__ = ["cube_sparse_attention_blocked"]
+__all__ = ["DENSE_BLOCK_FRACTION", "cube_sparse_attention_blocked"]
+
+#: when a block keeps at least this fraction of its causal prefix, attend the prefix in place
+#: (masked) instead of gathering the kept keys into a copy
+DENSE_BLOCK_FRACTION = 0.75
 
 
 def cube_sparse_attention_blocked(
@@ -60,11 +64,11 @@ def cube_sparse_attention_blocked(
     q_offset = nk - nq
     out = torch.empty_like(q)
     kpos = torch.arange(nk, device=q.device)
+    n_cls = index.max_cubes  # key class: cube id, or n_cls for every non-video key
     for b in range(bsz):
         kc = cube_ids[b]
         kv_ok = km[b]
-        is_text = (kc < 0) & kv_ok
-        is_video = kc >= 0
+        kcls = torch.where(kc >= 0, kc, torch.full_like(kc, n_cls))
         for s in range(0, nq, qb_size):
             e = min(s + qb_size, nq)
             bq = e - s
@@ -72,34 +76,40 @@ def cube_sparse_attention_blocked(
             qc = kc[qpos]
             qvalid = kv_ok[qpos]
             keep = select_range(q[b], mean_keys[b], s, e, q_offset, kc, index, b, pol, scale, kv_ok, stats)
-            union = keep.any(dim=1).any(dim=0) if keep.shape[-1] else keep.new_zeros(0)
-            if union.numel():
-                own = qc[qc >= 0]
-                union = union.clone()
-                union[own] = True
-                vid_keep = is_video & union[kc.clamp_min(0)] & kv_ok
-            else:
-                vid_keep = torch.zeros_like(is_text)
+            # per (head, query) table over key classes: kept cubes + own cube + non-video keys
+            table = torch.ones(hq, bq, n_cls + 1, dtype=torch.bool, device=q.device)
+            table[..., :n_cls] = keep
+            vq = (qc >= 0).nonzero().squeeze(1)
+            table[:, vq, qc[vq]] = True
+            union = table.any(dim=1).any(dim=0)  # [n_cls + 1]
             last = q_offset + e - 1
-            idx = ((is_text | vid_keep)[: last + 1]).nonzero().squeeze(1)  # [M]
-            m = idx.numel()
+            pre_ok = kv_ok[: last + 1] & union[kcls[: last + 1]]
+            m = int(pre_ok.sum())
             if m == 0:
                 out[b, :, s:e] = 0
                 continue
-            kg = k[b].index_select(1, idx)  # [Hkv, M, D]
-            vg = v[b].index_select(1, idx)
-            kcg = kc[idx]
-            causal = idx[None, :] <= qpos[:, None]  # [bq, M]
-            base = causal & ((kcg < 0)[None, :] | (kcg[None, :] == qc[:, None]))
-            if keep.shape[-1]:
-                selg = keep.index_select(2, kcg.clamp_min(0)) & (kcg >= 0)[None, None, :]
-                allowed = base[None] | (selg & causal[None])  # [Hq, bq, M]
+            if m >= DENSE_BLOCK_FRACTION * (last + 1):
+                # nearly everything is kept: attend the whole prefix (a view, no gather) under the mask
+                m = last + 1
+                kg, vg = k[b, :, :m], v[b, :, :m]
+                kpos_g = kpos[:m]
+                allowed = table.index_select(2, kcls[:m])  # [Hq, bq, M]
+                if not bool(kv_ok[:m].all()):
+                    allowed &= kv_ok[:m][None, None, :]
             else:
-                allowed = base[None].expand(hq, bq, m)
-            allowed = allowed & qvalid[None, :, None]
-            qg = q[b, :, s:e].reshape(hkv, g * bq, d)
+                kpos_g = pre_ok.nonzero().squeeze(1)  # [M] ascending positions
+                kg = k[b].index_select(1, kpos_g)  # [Hkv, M, D]
+                vg = v[b].index_select(1, kpos_g)
+                allowed = table.index_select(2, kcls[kpos_g])
+            # causality can only bite on keys at or after the block's first query
+            t0 = int(torch.searchsorted(kpos_g, qpos[0]))
+            allowed[:, :, t0:] &= (kpos_g[None, t0:] <= qpos[:, None])[None]
+            if not bool(qvalid.all()):
+                allowed &= qvalid[None, :, None]
+            qg = q[b, :, s:e].reshape(1, hkv, g * bq, d)
+            # 4-D inputs with a bool mask take PyTorch's fused (flash) CPU kernel; 3-D ones do not
             o = F.scaled_dot_product_attention(
-                qg, kg, vg, attn_mask=allowed.reshape(hkv, g * bq, m), scale=scale
+                qg, kg[None], vg[None], attn_mask=allowed.reshape(1, hkv, g * bq, m), scale=scale
             ).view(hq, bq, d)
             out[b, :, s:e] = o.masked_fill(~qvalid[None, :, None], 0)
             if stats is not None:

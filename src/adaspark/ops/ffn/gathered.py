@@ -1,7 +1,7 @@
 """Efficient AdaS-FFN: gather the active tokens, run the FFN on them only, scatter back.
 
-Skipped tokens receive the per-cube mean of the active outputs (accumulated in float32 over the
-``[M_video, d]`` active outputs of video tokens only). Every output row is written.
+Skipped tokens receive the per-cube mean of the active outputs, accumulated in float32 in chunks of
+:data:`SUM_CHUNK` rows (no float32 copy of the whole output). Every output row is written.
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ from adaspark.ops.cubes import CubeIndex, build_cube_index
 from adaspark.ops.ffn.common import FFNStats, check_ffn_inputs, select_ffn_tokens, token_scores
 from adaspark.ops.selection import SelectionPolicy, as_policy
 
-__all__ = ["cube_sparse_ffn_gathered"]
+__all__ = ["SUM_CHUNK", "cube_sparse_ffn_gathered"]
+
+#: rows of FFN output upcast to float32 at a time for the per-cube means
+SUM_CHUNK = 4096
 
 
 def cube_sparse_ffn_gathered(
@@ -52,7 +55,11 @@ def cube_sparse_ffn_gathered(
             is_vid_act = cube_ids.reshape(-1)[act_idx] >= 0
             gid_act = gid[act_idx][is_vid_act]
             sums = torch.zeros(bsz * c, d_out, dtype=torch.float32, device=x.device)
-            sums.index_add_(0, gid_act, y_act[is_vid_act].float())
+            vid_rows = is_vid_act.nonzero().squeeze(1)
+            # float32 cube sums, upcasting at most SUM_CHUNK rows at a time
+            for lo in range(0, vid_rows.numel(), SUM_CHUNK):
+                rows = vid_rows[lo : lo + SUM_CHUNK]
+                sums.index_add_(0, gid_act[lo : lo + SUM_CHUNK], y_act.index_select(0, rows).float())
             cnt = torch.bincount(gid_act, minlength=bsz * c).clamp_min(1)
             means = (sums / cnt[:, None].to(torch.float32)).to(y_act.dtype)
             delta.index_copy_(0, skip_idx, means.index_select(0, gid[skip_idx]))

@@ -213,7 +213,7 @@ def test_report_equals_brute_force_counts(model, inputs, monkeypatch):
         st = AttentionStats(q.shape[1], q.shape[3], k.shape[1])
         st.causal_pairs = valid_pairs
         st.attended = attended
-        st.executed = h_exec = int(round(lr.attn_density_executed * valid_pairs * q.shape[1]))
+        st.executed = h_exec = round(lr.attn_density_executed * valid_pairs * q.shape[1])
         st.mean_key_tokens = int(video.sum())
         keep_stats = AttentionStats(q.shape[1], q.shape[3])
         reference_attention_mask(
@@ -232,7 +232,9 @@ def test_report_equals_brute_force_counts(model, inputs, monkeypatch):
         assert lr.flops_sparse_ideal == pytest.approx(fi)
         assert lr.flops_sparse == pytest.approx(fs)
         assert h_exec >= attended.sum().item()
-    assert rep.flops_sparse == pytest.approx(sum(lr.flops_sparse for lr in rep.layers) + rep.vision_flops + rep.lm_head_flops)
+    assert rep.flops_sparse == pytest.approx(
+        sum(lr.flops_sparse for lr in rep.layers) + rep.vision_flops + rep.lm_head_flops
+    )
 
 
 @torch.inference_mode()
@@ -295,7 +297,9 @@ def test_unsupported_model_is_named():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     llama = LlamaForCausalLM(
-        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+        LlamaConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
     )
     with pytest.raises(ValueError, match="model_type 'llama'"):
         patch(llama)

@@ -338,3 +338,40 @@ def test_import_does_not_pull_transformers():
     code = "import adaspark, adaspark.ops, sys; assert 'transformers' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
     assert adaspark.__version__
+
+
+@torch.inference_mode()
+def test_images_are_dense_by_default_and_cubed_on_request(model):
+    inp = build_inputs(GRIDS, image_grids=[[(1, 8, 8)], []], seed=4)
+    ref = model(**inp).logits
+    valid = _valid(inp)
+    with patch(model, AdaSparkConfig(p=1.0)):
+        torch.testing.assert_close(model(**inp).logits[valid], ref[valid], atol=2e-5, rtol=1e-4)
+    with patch(model, AdaSparkConfig(p=0.5, cube=(2, 2, 2))) as h:
+        model(**inp)
+        plain = h.layout
+        assert plain.num_video_tokens == h.report().video_tokens
+    with patch(model, AdaSparkConfig(p=0.5, cube=(2, 2, 2), images_as_video=True)) as h:
+        model(**inp)
+        cubed = h.layout
+    image_tokens = int((inp["mm_token_type_ids"] == 1).sum())
+    assert image_tokens == 16
+    assert cubed.num_video_tokens == plain.num_video_tokens + image_tokens
+    assert all(s.kind == "video" for s in plain.spans) and any(s.kind == "image" for s in cubed.spans)
+
+
+def test_training_backward_with_sparsity_on(model, inputs):
+    """Fine-tuning with AdaSpark on: the loss backpropagates through kept tokens and the compensation."""
+    model.train()
+    try:
+        with patch(model, AdaSparkConfig(p=0.5, cube=(2, 2, 2))):
+            labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+            loss = model(**inputs, labels=labels).loss
+            loss.backward()
+        mlp = model.model.language_model.layers[1].mlp
+        assert torch.isfinite(loss) and mlp.up_proj.weight.grad is not None
+        assert mlp.up_proj.weight.grad.abs().sum() > 0
+        assert model.model.language_model.layers[1].self_attn.k_proj.weight.grad.abs().sum() > 0
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()

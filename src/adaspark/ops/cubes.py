@@ -104,6 +104,7 @@ def build_cube_index(cube_ids: torch.Tensor) -> CubeIndex:
     return CubeIndex(token_idx=token_idx, counts=counts, first_pos=first_pos, num_cubes=num_cubes, seq_len=n)
 
 
+@torch.no_grad()
 def cube_mean_keys(k: torch.Tensor, index: CubeIndex) -> torch.Tensor:
     """Mean key of every cube, accumulated in float32.
 

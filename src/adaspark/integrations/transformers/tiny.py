@@ -110,12 +110,16 @@ def build_inputs(
     patch_dim: int = 3 * 2 * 14 * 14,
     merge: int = 2,
     seed: int = 0,
+    image_grids: list[list[tuple[int, int, int]]] | None = None,
 ) -> dict:
     """Processor-like inputs for a batch: ``video_grids[b]`` lists the ``(T, H, W)`` patch grids of
     sample ``b``'s videos. Text around and between videos is random token ids.
 
+    ``image_grids[b]`` optionally lists image grids ``(1, H, W)`` placed before sample ``b``'s videos.
+
     Returns a dict with ``input_ids``, ``attention_mask``, ``mm_token_type_ids``,
-    ``pixel_values_videos`` (random unless given) and ``video_grid_thw`` (None without video).
+    ``pixel_values_videos`` (random unless given) and ``video_grid_thw`` (absent without video),
+    plus ``pixel_values`` and ``image_grid_thw`` when there are images.
     """
     g = torch.Generator().manual_seed(seed)
 
@@ -125,10 +129,15 @@ def build_inputs(
         return torch.randint(1, 500, (n,), generator=g).tolist()
 
     seqs, types = [], []
-    all_grids = []
+    all_grids, all_images = [], []
     for b, grids in enumerate(video_grids):
         ids = text(prefix if b == 0 or isinstance(prefix, list) else prefix + b)
         tt = [0] * len(ids)
+        for t, h, w in image_grids[b] if image_grids else []:
+            n = t * h * w // merge**2
+            ids += [TINY_IDS["vision_start"]] + [TINY_IDS["image"]] * n + [TINY_IDS["vision_end"]]
+            tt += [0] + [1] * n + [0]
+            all_images.append((t, h, w))
         for j, (t, h, w) in enumerate(grids):
             n = t * h * w // merge**2
             ids += [TINY_IDS["vision_start"]] + [TINY_IDS["video"]] * n + [TINY_IDS["vision_end"]]
@@ -165,4 +174,8 @@ def build_inputs(
             )
         out["pixel_values_videos"] = pixel_values_videos
         out["video_grid_thw"] = grid
+    if all_images:
+        igrid = torch.tensor(all_images, dtype=torch.long)
+        out["pixel_values"] = torch.randn(int(igrid.prod(-1).sum()), patch_dim, generator=g)
+        out["image_grid_thw"] = igrid
     return out

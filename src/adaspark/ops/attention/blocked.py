@@ -88,32 +88,49 @@ def cube_sparse_attention_blocked(
             if m == 0:
                 out[b, :, s:e] = 0
                 continue
+            # additive mask in the compute dtype: the fused CPU kernel takes it as is (a bool mask
+            # would be converted to one inside SDPA on every call)
+            # class-major copy: gathering whole rows is much faster than gathering along the last dim
+            neg_t = torch.zeros(n_cls + 1, hq * bq, dtype=q.dtype, device=q.device)
+            neg_t.masked_fill_(~table.reshape(hq * bq, n_cls + 1).t(), float("-inf"))
+
+            def gather_bias(cls: torch.Tensor, neg_t=neg_t, bq=bq) -> torch.Tensor:
+                return neg_t.index_select(0, cls).t().contiguous().view(hq, bq, cls.numel())
+
             if m >= DENSE_BLOCK_FRACTION * (last + 1):
                 # nearly everything is kept: attend the whole prefix (a view, no gather) under the mask
                 m = last + 1
                 kg, vg = k[b, :, :m], v[b, :, :m]
                 kpos_g = kpos[:m]
-                allowed = table.index_select(2, kcls[:m])  # [Hq, bq, M]
+                bias = gather_bias(kcls[:m])  # [Hq, bq, M]
                 if not bool(kv_ok[:m].all()):
-                    allowed &= kv_ok[:m][None, None, :]
+                    bias.masked_fill_(~kv_ok[:m][None, None, :], float("-inf"))
             else:
                 kpos_g = pre_ok.nonzero().squeeze(1)  # [M] ascending positions
                 kg = k[b].index_select(1, kpos_g)  # [Hkv, M, D]
                 vg = v[b].index_select(1, kpos_g)
-                allowed = table.index_select(2, kcls[kpos_g])
+                bias = gather_bias(kcls[kpos_g])
             # causality can only bite on keys at or after the block's first query
             t0 = int(torch.searchsorted(kpos_g, qpos[0]))
-            allowed[:, :, t0:] &= (kpos_g[None, t0:] <= qpos[:, None])[None]
+            future = kpos_g[None, t0:] > qpos[:, None]  # [bq, M - t0]
+            bias[:, :, t0:].masked_fill_(future[None], float("-inf"))
             if not bool(qvalid.all()):
-                allowed &= qvalid[None, :, None]
+                bias.masked_fill_(~qvalid[None, :, None], float("-inf"))
             qg = q[b, :, s:e].reshape(1, hkv, g * bq, d)
-            # 4-D inputs with a bool mask take PyTorch's fused (flash) CPU kernel; 3-D ones do not
+            # 4-D inputs take PyTorch's fused (flash) CPU kernel; 3-D ones do not
             o = F.scaled_dot_product_attention(
-                qg, kg[None], vg[None], attn_mask=allowed.reshape(1, hkv, g * bq, m), scale=scale
+                qg, kg[None], vg[None], attn_mask=bias.reshape(1, hkv, g * bq, m), scale=scale
             ).view(hq, bq, d)
             out[b, :, s:e] = o.masked_fill(~qvalid[None, :, None], 0)
             if stats is not None:
-                stats.attended += allowed.sum(dim=(1, 2)).double()
+                # keys before the block's first query are visible to all its queries: count them per
+                # class and weight by the table; only the short causal tail is counted entry by entry
+                before = kpos_g[:t0]
+                head = kcls[before][kv_ok[before]]
+                per_cls = torch.bincount(head, minlength=n_cls + 1).double()
+                rows = (table & qvalid[None, :, None]).double()
+                stats.attended += rows.reshape(hq, -1, n_cls + 1).sum(1) @ per_cls
+                stats.attended += (bias[:, :, t0:] == 0).sum(dim=(1, 2)).double()
                 stats.executed += int(qvalid.sum()) * m * hq
     if stats is not None:
         stats.kv_heads = hkv

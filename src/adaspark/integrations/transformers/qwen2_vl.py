@@ -39,6 +39,9 @@ SUPPORTED_MODEL_TYPES = {"qwen2_5_vl": "Qwen2.5-VL", "qwen2_vl": "Qwen2-VL"}
 #: model -> live handle (so that patching twice replaces the first patch)
 _PATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
+#: vision encoder -> {(input shape, dtype, grids): FLOPs} measured once with FlopCounterMode
+_VISION_FLOPS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 
 @dataclass
 class _Parts:
@@ -129,6 +132,7 @@ class _State:
         self.offset = 0
         self.expect_video = False
         self._flop_mode: FlopCounterMode | None = None
+        self._vision_call: tuple | None = None
         # vision FLOPs counted since the last VL forward ended: generate() runs the encoder before
         # the prefill forward, a plain forward inside it
         self._vision_pending = 0.0
@@ -308,17 +312,36 @@ class _State:
         )
 
     # ---------------------------------------------------------------- FLOPs of the rest
+    @staticmethod
+    def _vision_key(args, kwargs) -> tuple | None:
+        """Cache key of one vision-encoder call: its FLOPs depend only on the grids and dtype."""
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("pixel_values"))
+        grid = args[1] if len(args) > 1 else kwargs.get("grid_thw")
+        if not isinstance(x, torch.Tensor) or not isinstance(grid, torch.Tensor):
+            return None
+        return (tuple(x.shape), x.dtype, tuple(grid.reshape(-1).tolist()))
+
     def vision_pre(self, module, args, kwargs) -> None:
-        self._flop_mode = FlopCounterMode(display=False)
-        self._flop_mode.__enter__()
+        key = self._vision_key(args, kwargs)
+        self._vision_call = key
+        if key is None or key not in _VISION_FLOPS_CACHE.get(module, {}):
+            # count once per grid layout (FlopCounterMode adds dispatch overhead to every op)
+            self._flop_mode = FlopCounterMode(display=False)
+            self._flop_mode.__enter__()
 
     def vision_post(self, module, args, kwargs, output) -> None:
         mode, self._flop_mode = self._flop_mode, None
+        key, self._vision_call = self._vision_call, None
+        cache = _VISION_FLOPS_CACHE.setdefault(module, {})
         if mode is not None:
             mode.__exit__(None, None, None)
             flops = float(mode.get_total_flops())
-            self.vision_flops += flops
-            self._vision_pending += flops
+            if key is not None:
+                cache[key] = flops
+        else:
+            flops = cache[key]
+        self.vision_flops += flops
+        self._vision_pending += flops
 
     def vl_post(self, module, args, kwargs, output) -> None:
         self._vision_pending = 0.0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -35,15 +36,8 @@ _FFN_MULT = 4
 #: Side in pixels of one LM token (14-pixel patches, 2×2 merge).
 _MERGED_PATCH = 28
 
-_STAGES = (
-    "decode video",
-    "build model",
-    "warm up",
-    "dense forward",
-    "dense generate",
-    "AdaSpark forward",
-    "AdaSpark generate",
-)
+#: progress-bar steps before the timed runs: decode video, build model, warm up
+_N_SETUP_STAGES = 3
 
 _RANDOM_NOTE = (
     "Note: the model is randomly initialised (a trained default ships later), so its answers are "
@@ -156,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--new-tokens", type=_positive_int, default=8, help="tokens to generate (default %(default)s)"
+    )
+    demo.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=3,
+        help="timed runs of each path, dense and AdaSpark interleaved; medians are printed "
+        "(default %(default)s)",
     )
     demo.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -319,25 +320,31 @@ def _run(args: argparse.Namespace, config: AdaSparkConfig, prepared: tuple, bar)
             model.generate(**small, max_new_tokens=2, do_sample=False)
         bar.update()
 
-        stage("dense forward")
-        dense_out, t_dense_fwd = _timed(lambda: model(**inputs))
-        bar.update()
-        stage("dense generate")
-        dense_gen, t_dense_gen = _timed(lambda: model.generate(**inputs, **gen_kwargs))
-        bar.update()
-
-        handle = adaspark.patch(model, config)
-        try:
-            stage("AdaSpark forward")
-            sparse_out, t_sparse_fwd = _timed(lambda: model(**inputs))
-            report_fwd = handle.report()
+        # timed runs: dense and AdaSpark interleaved, `--repeats` times each, medians reported
+        times: dict[str, list[float]] = {k: [] for k in ("df", "dg", "sf", "sg")}
+        for rep_i in range(args.repeats):
+            suffix = f" ({rep_i + 1}/{args.repeats})" if args.repeats > 1 else ""
+            stage("dense forward" + suffix)
+            dense_out, t = _timed(lambda: model(**inputs))
+            times["df"].append(t)
+            stage("AdaSpark forward" + suffix)
+            with adaspark.patch(model, config) as handle:
+                sparse_out, t = _timed(lambda: model(**inputs))
+                times["sf"].append(t)
+                report_fwd = handle.report()
             bar.update()
-            stage("AdaSpark generate")
-            sparse_gen, t_sparse_gen = _timed(lambda: model.generate(**inputs, **gen_kwargs))
-            report_gen = handle.report()
+            stage("dense generate" + suffix)
+            dense_gen, t = _timed(lambda: model.generate(**inputs, **gen_kwargs))
+            times["dg"].append(t)
+            stage("AdaSpark generate" + suffix)
+            with adaspark.patch(model, config) as handle:
+                sparse_gen, t = _timed(lambda: model.generate(**inputs, **gen_kwargs))
+                times["sg"].append(t)
+                report_gen = handle.report()
             bar.update()
-        finally:
-            handle.remove()
+        t_dense_fwd, t_dense_gen, t_sparse_fwd, t_sparse_gen = (
+            statistics.median(times[k]) for k in ("df", "dg", "sf", "sg")
+        )
 
     outputs = _compare(
         inputs,
@@ -388,6 +395,7 @@ def _run(args: argparse.Namespace, config: AdaSparkConfig, prepared: tuple, bar)
             "adaspark_generate": t_sparse_gen,
         },
         "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
         "report_forward": report_fwd.to_dict(),
         "report_generate": report_gen.to_dict(),
         "outputs": outputs,
@@ -465,7 +473,7 @@ def format_result(r: dict) -> str:
     lines += _flops_lines("FLOPs, prefill forward", fwd)
     lines += _flops_lines(f"FLOPs, generate (prefill + {r['new_tokens']} new tokens)", gen)
     lines.append("")
-    lines.append("Wall time (one run each, after a warm-up)")
+    lines.append(f"Wall time (median of {r['repeats']} interleaved runs each, after a warm-up)")
     lines.append(
         f"  prefill forward   dense {t['dense_forward']:7.3f} s   AdaSpark {t['adaspark_forward']:7.3f} s"
         f"   speed-up {_speedup(t['dense_forward'], t['adaspark_forward'])}"
@@ -543,7 +551,13 @@ def _demo(args: argparse.Namespace) -> int:
         config = _check_args(args)
     except ValueError as e:  # AdaSparkConfig and UsageError
         return _error(e)
-    bar = tqdm(total=len(_STAGES), unit="stage", file=sys.stderr, disable=args.no_progress, leave=False)
+    bar = tqdm(
+        total=_N_SETUP_STAGES + 2 * args.repeats,
+        unit="stage",
+        file=sys.stderr,
+        disable=args.no_progress,
+        leave=False,
+    )
     try:
         prepared = _prepare(args, bar)
     except (VideoDecodeError, ValueError, FileNotFoundError, ImportError) as e:

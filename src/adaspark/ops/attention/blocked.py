@@ -88,28 +88,23 @@ def cube_sparse_attention_blocked(
             if m == 0:
                 out[b, :, s:e] = 0
                 continue
-            # additive mask in the compute dtype: the fused CPU kernel takes it as is (a bool mask
-            # would be converted to one inside SDPA on every call)
-            # class-major copy: gathering whole rows is much faster than gathering along the last dim
-            neg_t = torch.zeros(n_cls + 1, hq * bq, dtype=q.dtype, device=q.device)
-            neg_t.masked_fill_(~table.reshape(hq * bq, n_cls + 1).t(), float("-inf"))
-
-            def gather_bias(cls: torch.Tensor, neg_t=neg_t, bq=bq) -> torch.Tensor:
-                return neg_t.index_select(0, cls).t().contiguous().view(hq, bq, cls.numel())
-
-            if m >= DENSE_BLOCK_FRACTION * (last + 1):
+            dense_prefix = m >= DENSE_BLOCK_FRACTION * (last + 1)
+            if dense_prefix:
                 # nearly everything is kept: attend the whole prefix (a view, no gather) under the mask
                 m = last + 1
-                kg, vg = k[b, :, :m], v[b, :, :m]
                 kpos_g = kpos[:m]
-                bias = gather_bias(kcls[:m])  # [Hq, bq, M]
-                if not bool(kv_ok[:m].all()):
-                    bias.masked_fill_(~kv_ok[:m][None, None, :], float("-inf"))
+                kg, vg = k[b, :, :m], v[b, :, :m]
             else:
                 kpos_g = pre_ok.nonzero().squeeze(1)  # [M] ascending positions
                 kg = k[b].index_select(1, kpos_g)  # [Hkv, M, D]
                 vg = v[b].index_select(1, kpos_g)
-                bias = gather_bias(kcls[kpos_g])
+            # additive mask in the compute dtype (SDPA would convert a bool mask on every call),
+            # built from a class-major table: gathering whole rows beats gathering along the last dim
+            neg_t = torch.zeros(n_cls + 1, hq * bq, dtype=q.dtype, device=q.device)
+            neg_t.masked_fill_(~table.reshape(hq * bq, n_cls + 1).t(), float("-inf"))
+            bias = neg_t.index_select(0, kcls[kpos_g]).t().contiguous().view(hq, bq, m)  # [Hq, bq, M]
+            if dense_prefix and not bool(kv_ok[:m].all()):
+                bias.masked_fill_(~kv_ok[:m][None, None, :], float("-inf"))
             # causality can only bite on keys at or after the block's first query
             t0 = int(torch.searchsorted(kpos_g, qpos[0]))
             future = kpos_g[None, t0:] > qpos[:, None]  # [bq, M - t0]

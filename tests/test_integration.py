@@ -314,11 +314,16 @@ def test_invalid_config_and_dense_layers(model):
 
 @torch.inference_mode()
 def test_grid_token_mismatch_is_a_clear_error(model, inputs):
+    """Token types that disagree with video_grid_thw get our message, not a shape error from M-RoPE."""
     bad = dict(inputs)
-    bad["video_grid_thw"] = inputs["video_grid_thw"].clone()
-    bad["video_grid_thw"][0, 0] += 2  # claims more frames than there are tokens
-    bad["pixel_values_videos"] = torch.randn(int(bad["video_grid_thw"].prod(-1).sum()), 1176)
-    with patch(model, AdaSparkConfig(p=0.5)), pytest.raises(ValueError, match="do not match"):
+    types = inputs["mm_token_type_ids"].clone()
+    first_video = int((types[0] == 2).nonzero()[5])
+    types[0, first_video] = 0  # one video token too few in sample 0
+    bad["mm_token_type_ids"] = types
+    with (
+        patch(model, AdaSparkConfig(p=0.5)),
+        pytest.raises(ValueError, match="grid and token count do not match"),
+    ):
         model(**bad)
 
 

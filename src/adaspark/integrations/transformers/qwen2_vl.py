@@ -153,29 +153,31 @@ class _State:
 
     # ---------------------------------------------------------------- layout
     def capture_rope_call(self, original, *args, **kwargs):
-        """Wrapper body of ``get_rope_index``: compute positions, then the cube layout."""
-        result = original(*args, **kwargs)
+        """Wrapper body of ``get_rope_index``: the cube layout, then the positions.
+
+        The layout is built (and checked) first, so that a grid / token-count mismatch gets our
+        clear error instead of a shape error from inside the M-RoPE computation.
+        """
         bound = inspect.signature(original).bind_partial(*args, **kwargs).arguments
         input_ids = bound.get("input_ids")
-        if input_ids is None:
-            return result
-        types = bound.get("mm_token_type_ids")
-        p = self.parts
-        if types is None:
-            types = token_types_from_ids(
-                input_ids, image_token_id=p.image_token_id, video_token_id=p.video_token_id
+        if input_ids is not None:
+            types = bound.get("mm_token_type_ids")
+            p = self.parts
+            if types is None:
+                types = token_types_from_ids(
+                    input_ids, image_token_id=p.image_token_id, video_token_id=p.video_token_id
+                )
+            layout = build_layout(
+                types,
+                bound.get("video_grid_thw"),
+                cube=self.config.cube,
+                spatial_merge_size=p.merge,
+                attention_mask=bound.get("attention_mask"),
+                image_grid_thw=bound.get("image_grid_thw"),
+                images_as_video=self.config.images_as_video,
             )
-        layout = build_layout(
-            types,
-            bound.get("video_grid_thw"),
-            cube=self.config.cube,
-            spatial_merge_size=p.merge,
-            attention_mask=bound.get("attention_mask"),
-            image_grid_thw=bound.get("image_grid_thw"),
-            images_as_video=self.config.images_as_video,
-        )
-        self.pending = (input_ids, layout)
-        return result
+            self.pending = (input_ids, layout)
+        return original(*args, **kwargs)
 
     def on_vl_forward(self, module, args, kwargs) -> None:
         past = _past_length(kwargs.get("past_key_values"))

@@ -175,3 +175,22 @@ def test_chunked_cube_means_equal_one_shot(monkeypatch):
         monkeypatch.setattr(gathered, "SUM_CHUNK", 3)
         chunked = cube_sparse_ffn_gathered(x, f, ids, 0.5)
     torch.testing.assert_close(chunked, one, atol=1e-6, rtol=1e-6)
+
+
+def test_float64_inputs():
+    x, ids = make(CASES[1], dtype=torch.float64)
+    f = SwiGLU().double()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            cube_sparse_ffn_gathered(x, f, ids, 0.5), cube_sparse_ffn_reference(x, f, ids, 0.5)
+        )
+
+
+def test_identical_norms_keep_exactly_the_top_p_share():
+    """Static frames give a cube identical norms: p = r/n keeps r tokens, not r + 1."""
+    ids = torch.zeros(1, 10, dtype=torch.long)
+    for dtype in (torch.float32, torch.float64):
+        s = torch.ones(1, 10, dtype=dtype)
+        for r in range(1, 10):
+            active = select_ffn_tokens(s, ids, SelectionPolicy(p=r / 10))
+            assert active.sum().item() == r, (dtype, r)

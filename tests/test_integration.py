@@ -380,3 +380,79 @@ def test_training_backward_with_sparsity_on(model, inputs):
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
+
+
+@torch.inference_mode()
+def test_generate_with_batch_expansion(model):
+    """num_return_sequences / beams expand the batch after the M-RoPE index is computed."""
+    inp = build_inputs([GRIDS[0]], seed=5)
+    for kw in ({"num_beams": 2, "do_sample": False}, {"num_return_sequences": 2, "do_sample": True}):
+        torch.manual_seed(0)
+        ref = model.generate(**inp, max_new_tokens=3, **kw)
+        with patch(model, AdaSparkConfig(p=1.0)):
+            torch.manual_seed(0)
+            assert torch.equal(model.generate(**inp, max_new_tokens=3, **kw), ref)
+        with patch(model, AdaSparkConfig(p=0.5, cube=(2, 2, 2))) as h:
+            out = model.generate(**inp, max_new_tokens=3, **kw)
+            assert out.shape[0] == kw.get("num_return_sequences", 1)
+            assert h.report().layers[0].attn_density < 1
+
+
+@torch.inference_mode()
+def test_generate_without_cache_matches_cached_decoding(model, inputs):
+    """Without a cache every step re-runs the prompt; the layout is extended, the tokens agree."""
+    with patch(model, AdaSparkConfig(p=0.5, cube=(2, 2, 2))) as h:
+        cached = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        uncached = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
+        rep = h.report()
+    assert torch.equal(cached, uncached)
+    assert rep.forward_calls == 4 and rep.layers[0].attn_density < 1
+
+
+@torch.inference_mode()
+def test_a_cache_keeps_its_own_layout(model):
+    """Continuing sequence A from its cache after a request B uses A's layout and mean keys."""
+    cfg = AdaSparkConfig(p=0.4, cube=(2, 2, 2))
+    a = build_inputs([GRIDS[0]], seed=11)
+    b = build_inputs([[(2, 8, 8)]], prefix=40, seed=12)
+    nxt = torch.tensor([[77]])
+    with patch(model, cfg):
+        pre = model(**a, use_cache=True)
+        deltas = model.model.rope_deltas.clone()
+        model(**b, use_cache=True)  # another request in between
+        model.model.rope_deltas = deltas  # transformers keeps M-RoPE deltas on the model
+        full = dict(a)
+        full["input_ids"] = torch.cat([a["input_ids"], nxt], 1)
+        full["attention_mask"] = torch.cat([a["attention_mask"], torch.ones(1, 1, dtype=torch.long)], 1)
+        full["mm_token_type_ids"] = torch.cat(
+            [a["mm_token_type_ids"], torch.zeros(1, 1, dtype=torch.long)], 1
+        )
+        pos, _ = model.model.get_rope_index(
+            full["input_ids"],
+            mm_token_type_ids=full["mm_token_type_ids"],
+            video_grid_thw=full["video_grid_thw"],
+            attention_mask=full["attention_mask"],
+        )
+        step = model(
+            input_ids=nxt,
+            attention_mask=full["attention_mask"],
+            past_key_values=pre.past_key_values,
+            position_ids=pos[:, :, -1:],
+        )
+        want = model(**full).logits[0, -1]
+    torch.testing.assert_close(step.logits[0, -1], want, atol=3e-5, rtol=1e-4)
+
+
+@torch.inference_mode()
+def test_unsupported_flows_fail_clearly(model, inputs):
+    from transformers import DynamicCache
+
+    with patch(model, AdaSparkConfig(p=0.5)):
+        with pytest.raises(ValueError, match="chunked prefill"):
+            model.generate(**inputs, max_new_tokens=2, do_sample=False, prefill_chunk_size=32)
+        foreign = DynamicCache()
+        k = torch.zeros(2, 2, 5, 16)
+        for i in range(model.config.text_config.num_hidden_layers):
+            foreign.update(k, k, i)
+        with pytest.raises(ValueError, match="not filled by a prefill of this patched model"):
+            model(input_ids=inputs["input_ids"][:, :1], past_key_values=foreign)

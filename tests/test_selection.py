@@ -104,3 +104,13 @@ def test_masked_softmax_and_entropy():
 def test_policy_validation(kwargs):
     with pytest.raises(ValueError):
         SelectionPolicy(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_equal_shares_reach_p_exactly(dtype):
+    """r of n equal shares have mass r/n: Top-p at p = r/n keeps exactly r (rounding tolerated)."""
+    for n in (3, 7, 10, 64, 100, 128):
+        probs = torch.full((1, n), 1.0 / n, dtype=dtype)
+        valid = torch.ones(1, n, dtype=torch.bool)
+        for r in range(1, n):
+            assert keep_from_probs(probs, valid, SelectionPolicy(p=r / n)).sum().item() == r, (n, r)

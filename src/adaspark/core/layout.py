@@ -66,6 +66,21 @@ class Layout:
     def num_video_tokens(self) -> int:
         return int((self.cube_ids >= 0).sum())
 
+    def repeat_samples(self, repeats: int) -> Layout:
+        """The layout of a batch whose every sample is repeated ``repeats`` times in a row (as
+        ``generate`` expands inputs for ``num_return_sequences`` / beams)."""
+        spans = tuple(
+            VisualSpan(s.sample * repeats + r, s.positions, s.grid, s.kind, s.first_cube, s.num_cubes)
+            for s in self.spans
+            for r in range(repeats)
+        )
+        spans = tuple(sorted(spans, key=lambda s: s.sample))
+        return Layout(self.cube_ids.repeat_interleave(repeats, dim=0), spans, self.cube)
+
+    def extend_to(self, length: int) -> Layout:
+        """The layout of the same sequences followed by ``length - N`` non-video tokens."""
+        return Layout(self.extended(length), self.spans, self.cube)
+
     def extended(self, length: int) -> torch.Tensor:
         """``cube_ids`` right-padded with ``-1`` (generated tokens are non-video) to ``length``."""
         n = self.cube_ids.shape[1]
@@ -167,6 +182,11 @@ def build_layout(
                 f"attention_mask must be [B, N] = [{bsz}, {n}], got {tuple(attention_mask.shape)}"
             )
         types_all = types_all.masked_fill(attention_mask == 0, TEXT)
+    for name, g in (("video_grid_thw", video_grid_thw), ("image_grid_thw", image_grid_thw)):
+        if g is not None and (not isinstance(g, torch.Tensor) or g.dim() != 2 or g.shape[-1] != 3):
+            raise ValueError(
+                f"{name} must be a [num, 3] tensor of (T, H, W) grids, got {getattr(g, 'shape', g)!r}"
+            )
     grids = {
         VIDEO: [] if video_grid_thw is None else [tuple(int(x) for x in g) for g in video_grid_thw.tolist()],
         IMAGE: [] if image_grid_thw is None else [tuple(int(x) for x in g) for g in image_grid_thw.tolist()],

@@ -6,7 +6,8 @@ cubes, one distribution per query and head) and AdaS-FFN (candidates = the token
 Top-p ("nucleus") semantics, exactly as in SPEC.md: sort the candidates by descending probability
 (stable: on ties the lower index comes first) and keep the shortest prefix whose cumulative mass is
 ``>= p``; at least one candidate is kept whenever one exists; ``p >= 1`` keeps every candidate.
-Equivalently, the candidate of rank ``r`` is kept iff the mass strictly before it is ``< p``.
+Equivalently, the candidate of rank ``r`` is kept iff the mass strictly before it is ``< p``; a
+mass within rounding error of ``p`` (:data:`TOP_P_TOLERANCE`) counts as ``p``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SelectionPolicy", "entropy", "keep_from_probs", "masked_softmax"]
+__all__ = ["TOP_P_TOLERANCE", "SelectionPolicy", "entropy", "keep_from_probs", "masked_softmax"]
+
+#: per-candidate rounding allowance of the Top-p cumulative mass, by dtype (times the row length)
+TOP_P_TOLERANCE = {
+    torch.float32: 4 * torch.finfo(torch.float32).eps,
+    torch.float64: 4 * torch.finfo(torch.float64).eps,
+}
 
 
 @dataclass(frozen=True)
@@ -129,7 +136,10 @@ def keep_from_probs(probs: torch.Tensor, valid: torch.Tensor, policy: SelectionP
         else:
             sp = sorted_p.clamp_min(0.0)
             before = torch.cumsum(sp, dim=-1) - sp
-            n_keep = ((before < policy.p) & (rank < n_valid)).sum(dim=-1, keepdim=True)
+            # a mass equal to p up to rounding counts as reached (uniform distributions, e.g. the
+            # identical norms of static frames, would otherwise keep one extra candidate)
+            tol = TOP_P_TOLERANCE[sp.dtype]
+            n_keep = ((before < policy.p - tol) & (rank < n_valid)).sum(dim=-1, keepdim=True)
     elif policy.kind == "top_k":
         n_keep = torch.clamp(n_valid, max=policy.k)
     else:  # ratio

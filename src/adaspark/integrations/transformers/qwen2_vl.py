@@ -57,6 +57,17 @@ class _Parts:
     image_token_id: int
 
 
+@dataclass
+class _Sequence:
+    """One prefilled batch of sequences: its layout, cube index and cached cube mean keys."""
+
+    input_ids: torch.Tensor | None
+    layout: Layout | None
+    cube_ids: torch.Tensor
+    index: CubeIndex
+    mean_keys: dict
+
+
 def _supported_list() -> str:
     return ", ".join(f"{v} (model_type {k!r})" for k, v in SUPPORTED_MODEL_TYPES.items())
 
@@ -124,18 +135,17 @@ class _State:
         self.attn_policy = config.attn_policy()
         self.ffn_policy = config.ffn_policy()
         self.pending: tuple[torch.Tensor, Layout] | None = None
-        self.layout: Layout | None = None
-        self.cube_ids: torch.Tensor | None = None
-        self.index: CubeIndex | None = None
-        self.mean_keys: dict[int, torch.Tensor] = {}
+        #: the sequence being processed: layout, cube index and cached mean keys
+        self.seq: _Sequence | None = None
+        #: KV cache -> the sequence it holds (decoding picks the sequence by its cache)
+        self.caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.residual: dict[int, torch.Tensor] = {}
         self.offset = 0
-        self.expect_video = False
+        self.in_generate = False
+        self._fwd_ids: torch.Tensor | None = None
+        self._expect_video = False
         self._flop_mode: FlopCounterMode | None = None
         self._vision_call: tuple | None = None
-        # vision FLOPs counted since the last VL forward ended: generate() runs the encoder before
-        # the prefill forward, a plain forward inside it
-        self._vision_pending = 0.0
         self.reset_stats()
 
     # ---------------------------------------------------------------- counters
@@ -179,45 +189,88 @@ class _State:
             self.pending = (input_ids, layout)
         return original(*args, **kwargs)
 
+    def on_generate(self) -> None:
+        """Start of a ``generate`` call: one report covers it (prefill and every decode step)."""
+        self.reset_stats()
+
     def on_vl_forward(self, module, args, kwargs) -> None:
         past = _past_length(kwargs.get("past_key_values"))
-        if past:
-            self.calls += 1
-            return
-        carry = self._vision_pending
-        self.reset_stats()
-        self.vision_flops = carry
-        self.calls = 1
+        if past == 0 and not self.in_generate:
+            self.reset_stats()  # a new call
+        self.calls += 1
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         types = kwargs.get("mm_token_type_ids")
-        vid = self.parts.video_token_id
-        self.expect_video = bool(
-            (input_ids is not None and (input_ids == vid).any()) or (types is not None and (types == 2).any())
+        p = self.parts
+        self._fwd_ids = input_ids
+        expect = (input_ids is not None and bool((input_ids == p.video_token_id).any())) or (
+            types is not None and bool((types == 2).any())
         )
         if self.config.images_as_video:
-            self.expect_video |= bool(
-                input_ids is not None and (input_ids == self.parts.image_token_id).any()
-            )
-        if self.pending is not None and input_ids is not None:
-            ids = self.pending[0]
-            if ids.shape != input_ids.shape or not torch.equal(ids.to(input_ids.device), input_ids):
-                self.pending = None
+            expect = expect or (input_ids is not None and bool((input_ids == p.image_token_id).any()))
+        self._expect_video = expect
 
     def on_lm_forward(self, module, args, kwargs) -> None:
         emb = kwargs.get("inputs_embeds")
-        if emb is None:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            bsz, n = ids.shape
-            device = ids.device
-        else:
-            bsz, n = emb.shape[:2]
-            device = emb.device
-        if _past_length(kwargs.get("past_key_values")):
+        ref = emb if emb is not None else kwargs.get("input_ids", args[0] if args else None)
+        bsz, n = ref.shape[:2]
+        cache = kwargs.get("past_key_values")
+        self.residual = {}
+        if _past_length(cache):
+            seq = self.caches.get(cache)
+            if seq is None:
+                raise ValueError(
+                    "AdaSpark: past_key_values was not filled by a prefill of this patched model, so the "
+                    "video layout of its tokens is unknown; run the prefill with AdaSpark on"
+                )
+            if seq is not self.seq and not self.in_generate:
+                self.reset_stats()  # continuing another sequence: a new call
+                self.calls = 1
+            self.seq = seq
             return
+        self.seq = self._new_sequence(bsz, n, ref.device)
+        if cache is not None:
+            self.caches[cache] = self.seq
+
+    def on_lm_output(self, module, args, kwargs, output) -> None:
+        cache = getattr(output, "past_key_values", None)
+        if cache is not None and self.seq is not None and cache not in self.caches:
+            self.caches[cache] = self.seq
+
+    def _new_sequence(self, bsz: int, n: int, device) -> _Sequence:
+        """Resolve the layout of a prefill of ``bsz × n`` tokens."""
+        ids = self._fwd_ids
         layout = None
-        if self.pending is not None and self.pending[1].shape == (bsz, n):
-            layout = self.pending[1]
-        elif self.expect_video:
+        pend_ids, pend_layout = self.pending if self.pending is not None else (None, None)
+        if pend_layout is not None and ids is not None and ids.shape[0] % pend_ids.shape[0] == 0:
+            reps = ids.shape[0] // pend_ids.shape[0]
+            want = pend_ids.to(ids.device)
+            if reps > 1:
+                want = want.repeat_interleave(reps, dim=0)
+            if want.shape == ids.shape and torch.equal(want, ids):
+                # the ids the M-RoPE index was computed for (expanded by generate for
+                # num_return_sequences / beams)
+                layout = pend_layout if reps == 1 else pend_layout.repeat_samples(reps)
+        if layout is None and self.seq is not None and self.seq.input_ids is not None and ids is not None:
+            prev = self.seq.input_ids
+            n0 = prev.shape[1]
+            tail = ids[:, n0:]
+            if (
+                prev.shape[0] == bsz
+                and n0 <= n
+                and torch.equal(ids[:, :n0], prev.to(ids.device))
+                and not bool(
+                    ((tail == self.parts.video_token_id) | (tail == self.parts.image_token_id)).any()
+                )
+                and self.seq.layout is not None
+            ):
+                # the previous sequence plus text (generate without a cache re-runs the whole prompt)
+                layout = self.seq.layout.extend_to(n)
+        if layout is None and self._expect_video:
+            if pend_ids is not None and pend_ids.shape[1] > n:
+                raise ValueError(
+                    "AdaSpark does not support chunked prefill (generate(prefill_chunk_size=...)): "
+                    f"the prompt has {pend_ids.shape[1]} tokens but this forward got {n}"
+                )
             raise ValueError(
                 "AdaSpark could not capture the video layout of this input: the sequence holds video "
                 "tokens but the model did not compute its M-RoPE index from them. Pass "
@@ -225,34 +278,36 @@ class _State:
                 "mm_token_type_ids the M-RoPE positions are wrong too)."
             )
         self.pending = None
-        self.expect_video = False
-        self.layout = layout
-        self.cube_ids = (
+        cube_ids = (
             layout.cube_ids.to(device)
             if layout is not None
             else torch.full((bsz, n), -1, dtype=torch.long, device=device)
         )
-        self.index = build_cube_index(self.cube_ids)
-        self.mean_keys = {}
-        self.residual = {}
+        return _Sequence(
+            input_ids=ids, layout=layout, cube_ids=cube_ids, index=build_cube_index(cube_ids), mean_keys={}
+        )
+
+    @property
+    def layout(self) -> Layout | None:
+        return None if self.seq is None else self.seq.layout
 
     def cube_ids_for(self, bsz: int, nk: int, device) -> torch.Tensor:
-        if self.cube_ids is None:
+        seq = self.seq
+        if seq is None:
             return torch.full((bsz, nk), -1, dtype=torch.long, device=device)
-        if self.cube_ids.shape[0] != bsz:
+        if seq.cube_ids.shape[0] != bsz:
             raise ValueError(
-                f"AdaSpark: batch size changed from {self.cube_ids.shape[0]} to {bsz} within one sequence "
-                "(beam search and cache reordering are not supported)"
+                f"AdaSpark: batch size changed from {seq.cube_ids.shape[0]} to {bsz} within one sequence"
             )
-        n0 = self.cube_ids.shape[1]
+        n0 = seq.cube_ids.shape[1]
         if nk < n0:
             raise ValueError(f"AdaSpark: key length {nk} is shorter than the prefilled sequence {n0}")
         if nk == n0:
-            return self.cube_ids
-        return torch.cat([self.cube_ids, self.cube_ids.new_full((bsz, nk - n0), -1)], dim=1)
+            return seq.cube_ids
+        return torch.cat([seq.cube_ids, seq.cube_ids.new_full((bsz, nk - n0), -1)], dim=1)
 
     def has_cubes(self) -> bool:
-        return self.index is not None and self.index.max_cubes > 0
+        return self.seq is not None and self.seq.index.max_cubes > 0
 
     # ---------------------------------------------------------------- compute
     def attention(self, module, q, k, v, key_valid, scaling):
@@ -266,12 +321,13 @@ class _State:
         if li in self.dense_layers or not cfg.sparse_attn or not self.has_cubes():
             return dense_causal_attention(q, k, v, scale=scaling, key_mask=key_valid, stats=st)
         cube_ids = self.cube_ids_for(bsz, nk, q.device)
-        mk = self.mean_keys.get(li)
+        seq = self.seq
+        mk = seq.mean_keys.get(li)
         if mk is None:
             with torch.no_grad():
-                mk = cube_mean_keys(k, self.index)
-            self.mean_keys[li] = mk
-            st.mean_key_tokens += int((self.cube_ids >= 0).sum())
+                mk = cube_mean_keys(k, seq.index)
+            seq.mean_keys[li] = mk
+            st.mean_key_tokens += int((seq.cube_ids >= 0).sum())
         return cube_sparse_attention(
             q,
             k,
@@ -282,7 +338,7 @@ class _State:
             key_mask=key_valid,
             backend=cfg.backend,
             mean_keys=mk,
-            index=self.index,
+            index=seq.index,
             stats=st,
             query_block=cfg.query_block,
         )
@@ -300,7 +356,7 @@ class _State:
             st.tokens += bsz * n
             st.ffn_rows += bsz * n
             return dense_forward(h)
-        index = self.index if (self.offset == 0 and n == self.index.seq_len) else None
+        index = self.seq.index if (self.offset == 0 and n == self.seq.index.seq_len) else None
         return cube_sparse_ffn(
             h,
             dense_forward,
@@ -343,10 +399,6 @@ class _State:
         else:
             flops = cache[key]
         self.vision_flops += flops
-        self._vision_pending += flops
-
-    def vl_post(self, module, args, kwargs, output) -> None:
-        self._vision_pending = 0.0
 
     def lm_head_post(self, module, args, output) -> None:
         x = args[0]
@@ -512,8 +564,8 @@ def patch(model: torch.nn.Module, config: AdaSparkConfig | None = None) -> AdaSp
 
     hooks = [
         parts.vl.register_forward_pre_hook(state.on_vl_forward, with_kwargs=True),
-        parts.vl.register_forward_hook(state.vl_post, with_kwargs=True, always_call=True),
         parts.language_model.register_forward_pre_hook(state.on_lm_forward, with_kwargs=True),
+        parts.language_model.register_forward_hook(state.on_lm_output, with_kwargs=True),
     ]
     if parts.visual is not None:
         hooks.append(parts.visual.register_forward_pre_hook(state.vision_pre, with_kwargs=True))
@@ -522,6 +574,20 @@ def patch(model: torch.nn.Module, config: AdaSparkConfig | None = None) -> AdaSp
         )
     if isinstance(parts.lm_head, torch.nn.Linear):
         hooks.append(parts.lm_head.register_forward_hook(state.lm_head_post))
+
+    gen = getattr(model, "generate", None)
+    if callable(gen) and hasattr(model, "_prepare_position_ids_for_generation"):
+        original_generate = gen
+
+        def generate(*args, **kwargs):
+            state.on_generate()
+            state.in_generate = True
+            try:
+                return original_generate(*args, **kwargs)
+            finally:
+                state.in_generate = False
+
+        _set_instance_attr(model, "generate", generate, undo)
 
     for i, layer in enumerate(parts.layers):
         attn = layer.self_attn

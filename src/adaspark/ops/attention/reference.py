@@ -156,7 +156,7 @@ def cube_sparse_attention_reference(
     vr = v.repeat_interleave(g, dim=1)
     scores = torch.matmul(q, kr.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
-    w = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    w = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
     w = torch.nan_to_num(w, nan=0.0).to(q.dtype)
     out = torch.matmul(w, vr)
     if stats is not None:

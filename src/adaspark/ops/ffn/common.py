@@ -59,8 +59,9 @@ def check_ffn_inputs(x: torch.Tensor, cube_ids: torch.Tensor, scores: torch.Tens
 
 
 def token_scores(x: torch.Tensor) -> torch.Tensor:
-    """L2 norm of every token, ``[B, N, d] -> [B, N]`` float32 (no overflow for bf16/fp16 inputs)."""
-    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+    """L2 norm of every token, ``[B, N, d] -> [B, N]``, accumulated in at least float32 (no overflow
+    for bf16/fp16 inputs; float64 stays float64)."""
+    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
 
 
 def _cube_probs(s: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -150,7 +150,3 @@ def keep_from_probs(probs: torch.Tensor, valid: torch.Tensor, policy: SelectionP
         n_keep = torch.clamp(n_keep, max=policy.max_keep)
     keep_sorted = rank < n_keep
     return torch.zeros_like(valid).scatter(-1, order, keep_sorted)
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)

@@ -15,10 +15,12 @@ from typing import Literal
 from adaspark.ops.selection import SelectionPolicy
 
 Policy = Literal["top_p", "top_k", "ratio"]
-Backend = Literal["auto", "reference", "blocked"]
+Backend = Literal["auto", "reference", "blocked", "gather", "flex"]
+Granularity = Literal["token", "cube"]
 
 POLICIES: tuple[str, ...] = ("top_p", "top_k", "ratio")
-BACKENDS: tuple[str, ...] = ("auto", "reference", "blocked")
+BACKENDS: tuple[str, ...] = ("auto", "reference", "blocked", "gather", "flex")
+GRANULARITIES: tuple[str, ...] = ("token", "cube")
 
 
 def _is_int(x) -> bool:
@@ -63,10 +65,20 @@ class AdaSparkConfig:
             their cube (the paper's method). ``False`` gives them a zero update (ablation).
         images_as_video: Treat each image as a one-frame video (cubed, sparse). Default: images
             are non-video tokens (always attended, dense FFN).
+        granularity: Granularity of the cube selection. ``"token"``: every query selects its own
+            cubes (the paper's formulation, SPEC.md's reference semantics). ``"cube"``: all video
+            queries of a cube share one set, the Top-p set of the average of their distributions;
+            costs ~1/cube-size of the per-token selection and lets the kernels skip whole blocks
+            (non-video queries still select per token).
         backend: ``"reference"`` (naive, materialises masks; for testing), ``"blocked"``
-            (gathers the kept key blocks per query block; never builds an N×N mask) or
-            ``"auto"`` (picks the efficient path available for the device and dtype).
-        query_block: Query block size of the blocked attention path.
+            (per-token selection, gathers the kept keys per query block; the decoding path),
+            ``"gather"`` (cube-major blocks, kept key blocks gathered per GQA group), ``"flex"``
+            (compiled ``flex_attention`` with a block mask from the selection; prefill) or
+            ``"auto"`` (picks the efficient path for the device, dtype and call: flex for prefill
+            on CUDA and bfloat16 CPU, gather otherwise, blocked for decoding, dense SDPA when the
+            policy keeps everything).
+        query_block: Block size (tokens) of the attention path; ``None`` = the path's default
+            (128 for blocked and flex, 64 for gather).
     """
 
     p: float = 0.9
@@ -84,8 +96,9 @@ class AdaSparkConfig:
     sparse_ffn: bool = True
     mean_compensation: bool = True
     images_as_video: bool = False
+    granularity: Granularity = "cube"
     backend: Backend = "auto"
-    query_block: int = 128
+    query_block: int | None = None
 
     def __post_init__(self) -> None:
         _check_fraction("p", self.p)
@@ -131,8 +144,14 @@ class AdaSparkConfig:
                 raise ValueError(f"AdaSparkConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"AdaSparkConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
-        if not _is_int(self.query_block) or self.query_block < 1:
-            raise ValueError(f"AdaSparkConfig.query_block must be an integer >= 1, got {self.query_block!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"AdaSparkConfig.granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
+            )
+        if self.query_block is not None and (not _is_int(self.query_block) or self.query_block < 1):
+            raise ValueError(
+                f"AdaSparkConfig.query_block must be None or an integer >= 1, got {self.query_block!r}"
+            )
 
     # ------------------------------------------------------------------ derived values
     @property

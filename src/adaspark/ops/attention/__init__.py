@@ -1,47 +1,81 @@
-"""AdaS-Attn: adaptive cube-selective attention (reference, blocked) and dense causal attention."""
+"""AdaS-Attn: adaptive cube-selective attention and dense causal attention.
+
+Backends (all exact: same mask as the reference, errors within 2× PyTorch's own at the dtype):
+
+* ``reference`` – materialises the token mask (tests, small inputs);
+* ``blocked`` – per query block of the original order, gathers the union of kept keys (per-token
+  selection only; the decoding path: one new token gathers only the kept cubes' K/V);
+* ``gather`` – cube-major blocks, kept key blocks gathered per GQA group, one SDPA per block;
+* ``flex`` – compiled ``flex_attention`` with a ``BlockMask`` from the selection (prefill);
+* ``auto`` – dense SDPA when the policy keeps everything, ``blocked`` for new tokens after a cache,
+  ``flex`` for prefill on CUDA and for bfloat16 on CPU, ``gather`` otherwise.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from adaspark.ops.attention.blocked import cube_sparse_attention_blocked
-from adaspark.ops.attention.common import SELECT_BLOCK, AttentionStats
+from adaspark.ops.attention.common import SELECT_BLOCK, AttentionStats, check_attention_inputs
 from adaspark.ops.attention.dense import dense_causal_attention
+from adaspark.ops.attention.flex import cube_sparse_attention_flex, flex_available
+from adaspark.ops.attention.gather import cube_sparse_attention_gather
 from adaspark.ops.attention.reference import (
     cube_sparse_attention_reference,
     reference_attention_mask,
     reference_cube_keep,
 )
+from adaspark.ops.attention.units import GRANULARITIES, check_granularity
 from adaspark.ops.cubes import CubeIndex
-from adaspark.ops.selection import SelectionPolicy
+from adaspark.ops.selection import SelectionPolicy, as_policy
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "GRANULARITIES",
     "SELECT_BLOCK",
     "AttentionStats",
     "cube_sparse_attention",
     "cube_sparse_attention_blocked",
+    "cube_sparse_attention_flex",
+    "cube_sparse_attention_gather",
     "cube_sparse_attention_reference",
     "dense_causal_attention",
     "reference_attention_mask",
     "reference_cube_keep",
+    "resolve_attention_backend",
 ]
 
 ATTENTION_BACKENDS = {
     "reference": cube_sparse_attention_reference,
     "blocked": cube_sparse_attention_blocked,
+    "gather": cube_sparse_attention_gather,
+    "flex": cube_sparse_attention_flex,
 }
 
 
-def resolve_attention_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The concrete backend ``"auto"`` stands for on this device/dtype."""
-    if backend == "auto":
-        return "blocked"
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(
-            f"unknown attention backend {backend!r}; choose from 'auto', {sorted(ATTENTION_BACKENDS)}"
-        )
-    return backend
+def resolve_attention_backend(
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    prefill: bool = True,
+    granularity: str = "token",
+    video_queries: bool = True,
+) -> str:
+    """The concrete backend ``"auto"`` stands for on this device/dtype and call shape."""
+    if backend != "auto":
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"unknown attention backend {backend!r}; choose from 'auto', {sorted(ATTENTION_BACKENDS)}"
+            )
+        return backend
+    if not prefill:
+        # new tokens after a cache: per-token selection, only the kept cubes' K/V are read
+        return "gather" if granularity == "cube" and video_queries else "blocked"
+    dev = torch.device(device)
+    if (dev.type == "cuda" or (dev.type == "cpu" and dtype == torch.bfloat16)) and flex_available(dev):
+        return "flex"
+    return "gather"
 
 
 def cube_sparse_attention(
@@ -58,13 +92,16 @@ def cube_sparse_attention(
     mean_keys: torch.Tensor | None = None,
     index: CubeIndex | None = None,
     stats: AttentionStats | None = None,
-    query_block: int = 128,
+    query_block: int | None = None,
+    granularity: str = "token",
 ) -> torch.Tensor:
     """Adaptive cube-selective causal attention (AdaS-Attn).
 
     Each query scores every earlier cube ``j`` other than its own by ``q · k̄_j · scale`` (``k̄_j``
     = mean key of cube ``j``), softmaxes over those candidates, keeps the Top-p set (per query head),
-    and attends: all non-video keys, its own cube, and the kept cubes — always causally.
+    and attends: all non-video keys, its own cube, and the kept cubes — always causally. With
+    ``granularity="cube"`` all video queries of a cube share one kept set, the Top-p set of the
+    average of their distributions (non-video queries still select per token).
 
     Args:
         q: ``[B, Hq, Nq, D]`` queries; they are the last ``Nq`` positions of the keys.
@@ -75,11 +112,13 @@ def cube_sparse_attention(
         policy: A :class:`~adaspark.ops.selection.SelectionPolicy` (top_p / top_k / ratio).
         scale: Score scale, default ``D ** -0.5``.
         key_mask: ``[B, Nk]`` bool, False for padding (padding queries return zeros).
-        backend: ``"auto"``, ``"reference"`` or ``"blocked"``.
+        backend: ``"auto"``, ``"reference"``, ``"blocked"``, ``"gather"`` or ``"flex"``.
         mean_keys: Optional cached ``[B, Hkv, C, D]`` float32 cube mean keys (decoding).
         index: Optional precomputed :class:`~adaspark.ops.cubes.CubeIndex` of ``cube_ids``.
         stats: Optional :class:`AttentionStats` to accumulate densities and selection statistics.
-        query_block: Query block size of the blocked path.
+        query_block: Block size of the chosen path (``None``: its default — 128 for ``blocked``
+            and ``flex``, 64 (one 4×4×4 cube) for ``gather``).
+        granularity: ``"token"`` (SPEC.md's reference semantics) or ``"cube"``.
 
     Returns:
         ``[B, Hq, Nq, D]`` in the dtype of ``q``.
@@ -92,7 +131,25 @@ def cube_sparse_attention(
     """
     if isinstance(p, (int, float)) and not isinstance(p, bool) and policy is None and not (0.0 < p <= 1.0):
         raise ValueError(f"p must be in (0, 1], got {p!r}")
-    name = resolve_attention_backend(backend, q.device, q.dtype)
+    check_granularity(granularity)
+    nq, nk = q.shape[-2], k.shape[-2]
+    video_queries = nq == nk or bool((cube_ids[:, nk - nq :] >= 0).any())
+    name = resolve_attention_backend(
+        backend, q.device, q.dtype, prefill=nq == nk, granularity=granularity, video_queries=video_queries
+    )
+    pol = as_policy(p, policy)
+    if backend == "auto" and pol.keeps_all:
+        check_attention_inputs(q, k, v, cube_ids, key_mask)
+        return dense_causal_attention(q, k, v, scale=scale, key_mask=key_mask, stats=stats)
+    if name == "blocked" and granularity == "cube" and video_queries:
+        raise ValueError(
+            "the 'blocked' backend selects per token; use 'gather' or 'flex' for granularity='cube'"
+        )
+    if name == "flex" and nq != nk:
+        raise ValueError(f"the 'flex' backend runs prefill only (Nq == Nk), got Nq={nq}, Nk={nk}")
+    kwargs = {} if query_block is None else {"query_block": query_block}
+    if name in ("reference", "gather", "flex"):
+        kwargs["granularity"] = granularity
     return ATTENTION_BACKENDS[name](
         q,
         k,
@@ -105,5 +162,5 @@ def cube_sparse_attention(
         mean_keys=mean_keys,
         index=index,
         stats=stats,
-        query_block=query_block,
+        **kwargs,
     )

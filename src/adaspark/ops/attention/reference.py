@@ -14,6 +14,7 @@ from adaspark.ops.attention.common import (
     check_attention_inputs,
     select_range,
 )
+from adaspark.ops.attention.units import check_granularity, select_units
 from adaspark.ops.cubes import CubeIndex, build_cube_index, cube_mean_keys
 from adaspark.ops.selection import SelectionPolicy, as_policy
 
@@ -43,14 +44,29 @@ def reference_cube_keep(
     mean_keys: torch.Tensor | None = None,
     index: CubeIndex | None = None,
     stats: AttentionStats | None = None,
+    granularity: str = "token",
 ) -> torch.Tensor:
-    """Kept candidate cubes of every query and head: ``[B, Hq, Nq, C]`` bool (own cube excluded)."""
+    """Kept candidate cubes of every query and head: ``[B, Hq, Nq, C]`` bool (own cube excluded).
+
+    ``granularity="cube"``: the video queries of a cube share the selection of their cube (the
+    average of their distributions, :mod:`adaspark.ops.attention.units`); non-video queries select
+    per token.
+    """
+    check_granularity(granularity)
     pol = as_policy(p, policy)
     index, mean_keys, key_mask = _prepare(q, k, cube_ids, key_mask, mean_keys, index)
     bsz, hq, nq, d = q.shape
     nk = k.shape[2]
     scale = d**-0.5 if scale is None else scale
     c = index.max_cubes
+    if granularity == "cube":
+        sel = select_units(q, mean_keys, cube_ids, key_mask, index, pol, scale, "cube", stats)
+        keep = sel.table[..., :c].gather(2, sel.unit[:, None, :, None].expand(bsz, hq, nq, c)).clone()
+        qc = cube_ids[:, nk - nq :]
+        for b in range(bsz):
+            vq = (qc[b] >= 0).nonzero().squeeze(1)
+            keep[b, :, vq, qc[b, vq]] = False
+        return keep
     keep = torch.zeros(bsz, hq, nq, c, dtype=torch.bool, device=q.device)
     for b in range(bsz):
         if nq:
@@ -72,6 +88,7 @@ def reference_attention_mask(
     mean_keys: torch.Tensor | None = None,
     index: CubeIndex | None = None,
     stats: AttentionStats | None = None,
+    granularity: str = "token",
 ) -> torch.Tensor:
     """The token-level AdaS-Attn mask ``[B, Hq, Nq, Nk]`` (True = attended).
 
@@ -91,6 +108,7 @@ def reference_attention_mask(
         mean_keys=mean_keys,
         index=index,
         stats=stats,
+        granularity=granularity,
     )
     bsz, hq, nq, _ = q.shape
     nk = k.shape[2]
@@ -127,6 +145,7 @@ def cube_sparse_attention_reference(
     index: CubeIndex | None = None,
     stats: AttentionStats | None = None,
     query_block: int = 128,
+    granularity: str = "token",
 ) -> torch.Tensor:
     """Naive AdaS-Attn (same signature as :func:`adaspark.ops.cube_sparse_attention`).
 
@@ -150,6 +169,7 @@ def cube_sparse_attention_reference(
         mean_keys=mean_keys,
         index=index,
         stats=stats,
+        granularity=granularity,
     )
     g = hq // hkv
     kr = k.repeat_interleave(g, dim=1)

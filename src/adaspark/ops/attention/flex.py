@@ -1,0 +1,166 @@
+"""Flex AdaS-Attn: compiled ``flex_attention`` with a ``BlockMask`` built from the selection.
+
+Same selection and block pattern as :mod:`adaspark.ops.attention.gather`; the kernel is PyTorch's
+``flex_attention`` compiled by inductor (CPU: C++ with AMX for bfloat16; CUDA: Triton). The
+``BlockMask`` is assembled directly from the block pattern (``BlockMask.from_kv_blocks``): full blocks
+run without a mask, partial blocks evaluate a ``mask_mod`` that looks the pair up in the selection
+table with the original positions (so causality and the exact per-head semantics hold), skipped
+blocks cost nothing.
+
+Compilation: ``dynamic=False`` (dynamic shapes hit a C++ codegen error on CPU when the mask_mod
+captures tensors), one compile per (padded length, block, dtype, heads, head dim, device). Lengths
+are padded up to a bucket (:func:`bucket_length`) and the selection table to a power of two, so a
+new prompt length rarely recompiles. Never runs flex_attention eagerly (eager flex on CPU
+materialises the full score matrix). ``torch.nn.attention.flex_attention`` is imported lazily.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from adaspark.ops.attention.common import AttentionStats, check_attention_inputs
+from adaspark.ops.attention.gather import prepare_blocks
+from adaspark.ops.attention.units import check_granularity
+from adaspark.ops.cubes import CubeIndex
+from adaspark.ops.selection import SelectionPolicy, as_policy
+
+__all__ = ["FLEX_BLOCK", "bucket_length", "cube_sparse_attention_flex", "flex_available"]
+
+#: default block size of the flex path (flex's CPU and CUDA kernels are tuned for 128)
+FLEX_BLOCK = 128
+#: compiled variants kept before dynamo gives up recompiling (raised from its default of 8)
+_RECOMPILE_LIMIT = 64
+
+
+def flex_available(device: torch.device | str) -> bool:
+    """Whether compiled flex_attention can run here (PyTorch ≥ 2.5; CPU needs a C++ compiler)."""
+    try:
+        import torch.nn.attention.flex_attention
+    except ImportError:  # pragma: no cover - old PyTorch
+        return False
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available()
+    if dev.type == "cpu":
+        import shutil
+
+        return shutil.which("g++") is not None or shutil.which("c++") is not None
+    return False
+
+
+def bucket_length(n: int, block: int) -> int:
+    """Padded length for ``n`` tokens: the next of ``2^k · {1, 1.25, 1.5, 1.75}``, a block multiple."""
+    n = max(int(n), 1)
+    if n <= 4 * block:
+        return -(-n // block) * block
+    e = 2 ** math.floor(math.log2(n))
+    for f in (1.0, 1.25, 1.5, 1.75, 2.0):
+        cand = int(e * f)
+        if cand >= n:
+            return -(-cand // block) * block
+    return -(-n // block) * block  # pragma: no cover
+
+
+@functools.cache
+def _compiled_flex():
+    import torch._dynamo
+    from torch.nn.attention.flex_attention import flex_attention
+
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < _RECOMPILE_LIMIT:
+            setattr(cfg, name, _RECOMPILE_LIMIT)
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _kv_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(num, indices)`` int32 of a ``[B, H, nQ, nK]`` bool block map (kept blocks first, ascending)."""
+    num = blocks.sum(-1, dtype=torch.int32)
+    idx = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return num, idx.contiguous()
+
+
+def _pad_to(x: torch.Tensor, size: int, dim: int, value=0) -> torch.Tensor:
+    if x.shape[dim] == size:
+        return x
+    shape = list(x.shape)
+    shape[dim] = size - x.shape[dim]
+    return torch.cat([x, x.new_full(shape, value)], dim=dim)
+
+
+def cube_sparse_attention_flex(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cube_ids: torch.Tensor,
+    p: float | SelectionPolicy = 0.9,
+    *,
+    policy: SelectionPolicy | None = None,
+    scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+    mean_keys: torch.Tensor | None = None,
+    index: CubeIndex | None = None,
+    stats: AttentionStats | None = None,
+    query_block: int = FLEX_BLOCK,
+    granularity: str = "cube",
+) -> torch.Tensor:
+    """AdaS-Attn with compiled flex_attention (same signature as the reference).
+
+    ``query_block`` is the block size of the ``BlockMask`` (default 128). Needs ``Nq == Nk``
+    (prefill); the dispatcher sends decoding elsewhere.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    bsz, hq, hkv, nq, nk, d = check_attention_inputs(q, k, v, cube_ids, key_mask)
+    if nq != nk:
+        raise ValueError(f"the flex path needs Nq == Nk (prefill), got Nq={nq}, Nk={nk}")
+    check_granularity(granularity)
+    pol = as_policy(p, policy)
+    scale = d**-0.5 if scale is None else scale
+    block = int(query_block)
+    sel, pat, _km, _index = prepare_blocks(
+        q, k, cube_ids, pol, scale, key_mask, mean_keys, index, granularity, stats, block
+    )
+    n = bucket_length(nk, block)
+    nb = n // block
+    kept = _pad_to(_pad_to(pat.kept, nb, 2, False), nb, 3, False)
+    full = _pad_to(_pad_to(pat.full, nb, 2, False), nb, 3, False)
+    part_num, part_idx = _kv_lists(kept & ~full)
+    full_num, full_idx = _kv_lists(full)
+
+    # metadata of the mask_mod, padded to the bucket (padded keys invalid, padded queries unit 0)
+    _, hq_, n_units, ncls = sel.table.shape
+    table = sel.table.permute(0, 2, 1, 3).reshape(-1)  # [B, U, Hq, ncls] flattened
+    table = _pad_to(table, 1 << max(10, (table.numel() - 1).bit_length()), 0, False)
+    ncls_t = torch.tensor(ncls, device=q.device)
+    q_row = _pad_to((torch.arange(bsz, device=q.device)[:, None] * n_units + pat.q_unit) * (hq_ * ncls), n, 1)
+    q_pos = _pad_to(pat.q_pos, n, 1, -1)
+    k_pos = _pad_to(pat.k_pos, n, 1, torch.iinfo(torch.int64).max // 2)
+    k_cls = _pad_to(pat.k_cls, n, 1)
+    k_valid = _pad_to(pat.k_valid, n, 1, False)
+
+    def mask_mod(b, h, qi, ki):
+        hit = table[q_row[b, qi] + h * ncls_t + k_cls[b, ki]]
+        return hit & (k_pos[b, ki] <= q_pos[b, qi]) & k_valid[b, ki]
+
+    bm = BlockMask.from_kv_blocks(
+        part_num, part_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(n, n)
+    )
+
+    def permuted(x, perm):
+        idx = perm[:, None, :, None].expand(-1, x.shape[1], -1, d)
+        return _pad_to(x.gather(2, idx), n, 2)
+
+    qp = permuted(q, pat.q_perm)
+    kp = permuted(k, pat.k_perm)
+    vp = permuted(v, pat.k_perm)
+    outp = _compiled_flex()(qp, kp, vp, block_mask=bm, scale=scale, enable_gqa=hkv != hq)
+    outp = outp[:, :, :nq].masked_fill(~pat.q_valid[:, None, :nq, None], 0)
+    out = torch.empty_like(outp)
+    out.scatter_(2, pat.q_perm[:, None, :, None].expand(-1, hq, -1, d), outp)
+    if stats is not None:
+        stats.executed += pat.executed
+    return out

@@ -1,0 +1,175 @@
+"""Gather AdaS-Attn: a loop over cube-major query blocks that gathers only the kept key blocks.
+
+Selection (:func:`~adaspark.ops.attention.units.select_units`, token or cube granularity) →
+block pattern (:func:`~adaspark.ops.attention.blocks.block_pattern`, cube-major order) → for each
+query block, the key blocks kept by any query head of a GQA group are gathered once per kv head, and
+one SDPA call runs with the group's query heads stacked along the query axis (no repeated K/V). The
+additive mask is built at block level (0 for blocks every pair of which is attended, ``-inf`` for
+blocks a head does not keep) and evaluated token by token only on the few *partial* blocks (the
+causal diagonal, ragged cube edges, two cubes of one block keeping different sets). When a query
+block keeps most of its causal prefix, the prefix is attended in place (a view) under the mask
+instead of being copied: that is the dense fallback, decided per block.
+
+Any device and dtype; the default fast path for float32 on CPU (where it beats compiled
+flex_attention) and the path for anything flex cannot take. Layout: see
+:mod:`adaspark.ops.attention.common`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from adaspark.ops.attention.blocks import BlockPattern, block_pattern
+from adaspark.ops.attention.common import AttentionStats, causal_valid_pairs, check_attention_inputs
+from adaspark.ops.attention.units import Selection, attended_pairs, check_granularity, select_units
+from adaspark.ops.cubes import CubeIndex, build_cube_index, cube_mean_keys
+from adaspark.ops.selection import SelectionPolicy, as_policy
+
+__all__ = ["DENSE_PREFIX_FRACTION", "GATHER_BLOCK", "cube_sparse_attention_gather", "prepare_blocks"]
+
+#: default block size (tokens) of the block paths: one 4×4×4 cube
+GATHER_BLOCK = 64
+#: a query block that keeps at least this fraction of its causal prefix attends the prefix in place
+DENSE_PREFIX_FRACTION = 0.75
+
+
+def prepare_blocks(
+    q, k, cube_ids, pol, scale, key_mask, mean_keys, index, granularity, stats, block
+) -> tuple[Selection, BlockPattern, torch.Tensor, CubeIndex]:
+    """Selection and block pattern shared by the block kernels (also records selection stats)."""
+    bsz, nk = cube_ids.shape
+    if index is None:
+        index = build_cube_index(cube_ids)
+    own_means = mean_keys is None
+    if mean_keys is None:
+        mean_keys = cube_mean_keys(k, index)
+    km = torch.ones(bsz, nk, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
+    sel = select_units(q, mean_keys, cube_ids, km, index, pol, scale, granularity, stats)
+    pat = block_pattern(sel, cube_ids, km, index, block)
+    if stats is not None:
+        nq = q.shape[2]
+        stats.kv_heads = k.shape[1]
+        stats.queries += int(km[:, nk - nq :].sum())
+        stats.causal_pairs += int(causal_valid_pairs(km, nq).sum())
+        stats.attended += attended_pairs(sel, cube_ids, km)
+        stats.mean_key_tokens += int((cube_ids >= 0).sum()) if own_means else 0
+    return sel, pat, km, index
+
+
+def _permute_rows(x: torch.Tensor, perm: torch.Tensor, slots: int) -> torch.Tensor:
+    """``[H, N, D]`` rows in ``perm`` order, zero-padded to ``slots`` rows."""
+    h, _n, d = x.shape
+    out = x.new_zeros(h, slots, d)
+    out[:, : perm.numel()] = x.index_select(1, perm)
+    return out
+
+
+def cube_sparse_attention_gather(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cube_ids: torch.Tensor,
+    p: float | SelectionPolicy = 0.9,
+    *,
+    policy: SelectionPolicy | None = None,
+    scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+    mean_keys: torch.Tensor | None = None,
+    index: CubeIndex | None = None,
+    stats: AttentionStats | None = None,
+    query_block: int = GATHER_BLOCK,
+    granularity: str = "cube",
+) -> torch.Tensor:
+    """AdaS-Attn by block gathering (same signature as the reference).
+
+    ``query_block`` is the block size in tokens (queries and keys), default one 4×4×4 cube.
+    """
+    bsz, hq, hkv, nq, _nk, d = check_attention_inputs(q, k, v, cube_ids, key_mask)
+    check_granularity(granularity)
+    pol = as_policy(p, policy)
+    scale = d**-0.5 if scale is None else scale
+    block = int(query_block)
+    if block < 1:
+        raise ValueError(f"query_block must be >= 1, got {query_block}")
+    sel, pat, _km, _index = prepare_blocks(
+        q, k, cube_ids, pol, scale, key_mask, mean_keys, index, granularity, stats, block
+    )
+    g = hq // hkv
+    sq, sk = pat.q_pos.shape[1], pat.k_pos.shape[1]
+    n_qb, n_kb = sq // block, sk // block
+    out = torch.zeros_like(q)
+    ar_blk = torch.arange(block, device=q.device)
+    ncls = sel.table.shape[-1]
+    executed = 0
+    neg = float("-inf")
+    for b in range(bsz):
+        qp = _permute_rows(q[b], pat.q_perm[b], sq)
+        kp = _permute_rows(k[b], pat.k_perm[b], sk)
+        vp = _permute_rows(v[b], pat.k_perm[b], sk)
+        outp = q.new_zeros(hq, sq, d)
+        table_b = sel.table[b]
+        for qb in range(n_qb):
+            qs, qe = qb * block, (qb + 1) * block
+            qv = pat.q_valid[b, qs:qe]
+            nqv = int(qv.sum())
+            if nqv == 0:
+                continue
+            kept_h = pat.kept[b, :, qb].view(hkv, g, n_kb)
+            full_h = pat.full[b, :, qb].view(hkv, g, n_kb)
+            grp = kept_h.any(1)  # [Hkv, nK]
+            cnt = grp.sum(1)
+            mb = int(cnt.max())
+            if mb == 0:
+                continue
+            last = int(grp.any(0).nonzero().max()) + 1
+            if int(cnt.sum()) >= DENSE_PREFIX_FRACTION * hkv * last:
+                # dense fallback for this block: the causal prefix in place, masked
+                mb = last
+                order = torch.arange(last, device=q.device).expand(hkv, last)
+                slot_ok = grp[:, :last]
+                kg, vg = kp[:, : last * block], vp[:, : last * block]
+            else:
+                # kept blocks first, in ascending order (stable sort); padded slots point at block 0
+                order = torch.argsort(grp.int(), dim=1, descending=True, stable=True)[:, :mb]
+                slot_ok = torch.arange(mb, device=q.device)[None] < cnt[:, None]
+                order = torch.where(slot_ok, order, torch.zeros_like(order))
+                tok = (order[:, :, None] * block + ar_blk).view(hkv, mb * block, 1).expand(-1, -1, d)
+                kg = kp.gather(1, tok)
+                vg = vp.gather(1, tok)
+            ix = order[:, None].expand(hkv, g, mb)
+            kept_o = kept_h.gather(2, ix) & slot_ok[:, None]
+            full_o = full_h.gather(2, ix) & kept_o
+            part_o = kept_o & ~full_o  # [Hkv, g, mb]
+            bias = torch.zeros(hkv, g, 1, mb, 1, dtype=q.dtype, device=q.device)
+            bias.masked_fill_(~kept_o[:, :, None, :, None], neg)
+            bias = bias.expand(hkv, g, block, mb, block).contiguous()
+            pcols = part_o.any(1).any(0).nonzero().squeeze(1)
+            if pcols.numel():
+                npc = pcols.numel()
+                kb = order[:, pcols]  # [Hkv, P] key blocks
+                slots = (kb[:, :, None] * block + ar_blk).view(hkv, npc * block)
+                kcls = pat.k_cls[b][slots]  # [Hkv, P*block]
+                kpos = pat.k_pos[b][slots]
+                kval = pat.k_valid[b][slots]
+                rows = table_b.index_select(1, pat.q_unit[b, qs:qe]).view(hkv, g * block, ncls)
+                allowed = rows.gather(2, kcls[:, None, :].expand(hkv, g * block, npc * block))
+                allowed = allowed.view(hkv, g, block, npc * block)
+                allowed &= (kpos[:, None, :] <= pat.q_pos[b, qs:qe][:, None])[:, None] & kval[:, None, None]
+                tok_bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+                tok_bias.masked_fill_(~allowed, neg)
+                tok_bias = tok_bias.view(hkv, g, block, npc, block)
+                sub = bias[:, :, :, pcols]
+                bias[:, :, :, pcols] = torch.where(part_o[:, :, None, pcols, None], tok_bias, sub)
+            bias = bias.view(1, hkv, g * block, mb * block)
+            if nqv < block:
+                bias = bias.masked_fill(~qv.repeat(g)[None, None, :, None], neg)
+            qg = qp[:, qs:qe].reshape(1, hkv, g * block, d)
+            o = F.scaled_dot_product_attention(qg, kg[None], vg[None], attn_mask=bias, scale=scale)
+            outp[:, qs:qe] = o.view(hq, block, d)
+            executed += nqv * mb * block * hq
+        res = outp[:, :nq].masked_fill(~pat.q_valid[b, :nq][None, :, None], 0)
+        out[b].index_copy_(1, pat.q_perm[b], res)
+    if stats is not None:
+        stats.executed += executed
+    return out

@@ -1,0 +1,251 @@
+"""The block paths (gather, flex) and cube-granularity selection equal their references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaspark.ops import AttentionStats, SelectionPolicy, cube_sparse_attention
+from adaspark.ops.attention import (
+    cube_sparse_attention_flex,
+    cube_sparse_attention_gather,
+    cube_sparse_attention_reference,
+    reference_attention_mask,
+    reference_cube_keep,
+    resolve_attention_backend,
+)
+from adaspark.ops.attention.blocks import block_pattern, cube_major_order
+from adaspark.ops.attention.flex import bucket_length, flex_available
+from adaspark.ops.attention.units import (
+    attended_pairs,
+    cube_unit_probs,
+    cube_unit_probs_reference,
+    select_units,
+)
+from adaspark.ops.cubes import build_cube_index, cube_mean_keys
+from test_attention import CASES, make_case
+
+GRANS = ["token", "cube"]
+POLS = [SelectionPolicy(p=0.3), SelectionPolicy(p=0.8), SelectionPolicy(kind="top_k", k=2)]
+needs_flex = pytest.mark.skipif(
+    not flex_available("cpu"), reason="compiled flex_attention needs a C++ compiler"
+)
+# flex compiles once per shape: a few representative cases
+FLEX_CASES = [CASES[1], CASES[3], CASES[4], CASES[5]]
+
+
+def _pol_id(p):
+    return f"{p.kind}-{p.p if p.kind == 'top_p' else p.k}"
+
+
+@pytest.mark.parametrize("gran", GRANS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("pol", POLS, ids=_pol_id)
+def test_gather_equals_reference(case, gran, pol, nan_empty):
+    q, k, v, ids, km = make_case(case)
+    ref = cube_sparse_attention_reference(q, k, v, ids, policy=pol, key_mask=km, granularity=gran)
+    for blk in (16, 64):
+        out = cube_sparse_attention_gather(
+            q, k, v, ids, policy=pol, key_mask=km, granularity=gran, query_block=blk
+        )
+        assert not torch.isnan(out).any()
+        torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+
+
+@needs_flex
+@pytest.mark.parametrize("gran", GRANS)
+@pytest.mark.parametrize("case", FLEX_CASES, ids=[c[0] for c in FLEX_CASES])
+def test_flex_equals_reference(case, gran):
+    q, k, v, ids, km = make_case(case)
+    for pol in POLS[:2]:
+        ref = cube_sparse_attention_reference(q, k, v, ids, policy=pol, key_mask=km, granularity=gran)
+        out = cube_sparse_attention_flex(
+            q, k, v, ids, policy=pol, key_mask=km, granularity=gran, query_block=32
+        )
+        assert not torch.isnan(out).any()
+        torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["gather", "flex", "auto"])
+def test_p1_is_dense_on_every_path(backend):
+    if backend == "flex" and not flex_available("cpu"):
+        pytest.skip("no C++ compiler for flex")
+    q, k, v, ids, km = make_case(CASES[4])
+    dense = cube_sparse_attention_reference(q, k, v, ids, 1.0, key_mask=km)
+    for gran in GRANS:
+        out = cube_sparse_attention(
+            q, k, v, ids, 1.0, key_mask=km, backend=backend, granularity=gran, query_block=32
+        )
+        torch.testing.assert_close(out, dense, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES[2:], ids=[c[0] for c in CASES[2:]])
+def test_cube_granularity_invariants(case):
+    """Own cube and text always attended, nothing later read, one kept set per cube."""
+    q, k, _v, ids, km = make_case(case)
+    mask = reference_attention_mask(q, k, ids, 0.05, key_mask=km, granularity="cube")
+    bsz, _hq, n, _ = mask.shape
+    kmask = torch.ones(bsz, n, dtype=torch.bool) if km is None else km
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    valid = causal[None] & kmask[:, None, :] & kmask[:, :, None]
+    assert not (mask & ~causal).any()
+    assert (mask | ~((ids < 0)[:, None, :] & valid)[:, None]).all()
+    same = (ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] >= 0) & valid
+    assert (mask | ~same[:, None]).all()
+    keep = reference_cube_keep(q, k, ids, 0.05, key_mask=km, granularity="cube")
+    for b in range(bsz):
+        for c in range(int(ids[b].max()) + 1):
+            rows = keep[b][:, ((ids[b] == c) & kmask[b]).nonzero().squeeze(1)]  # [Hq, n_c, C]
+            assert (rows == rows[:, :1]).all(), "the queries of one cube selected differently"
+    assert mask.float().mean() < valid.float().mean()
+
+
+@pytest.mark.parametrize("case", CASES[1:], ids=[c[0] for c in CASES[1:]])
+def test_cube_unit_probs_equal_naive(case):
+    q, k, _v, ids, km = make_case(case)
+    index = build_cube_index(ids)
+    means = cube_mean_keys(k, index)
+    kmask = torch.ones_like(ids, dtype=torch.bool) if km is None else km
+    for b in range(q.shape[0]):
+        args = (q[b], means[b], ids[b], kmask[b], 0, index.first_pos[b], q.shape[-1] ** -0.5)
+        fast, naive = cube_unit_probs(*args), cube_unit_probs_reference(*args)
+        torch.testing.assert_close(fast[0], naive[0], atol=1e-6, rtol=1e-5)
+        assert torch.equal(fast[1], naive[1]) and torch.equal(fast[2], naive[2])
+        has = fast[2] > 0
+        torch.testing.assert_close(fast[0].sum(-1)[:, has], torch.ones_like(fast[0].sum(-1)[:, has]))
+
+
+@pytest.mark.parametrize("gran", GRANS)
+@pytest.mark.parametrize(
+    "case", [CASES[2], CASES[4], CASES[5]], ids=["ragged", "batch_padding", "two_videos"]
+)
+def test_block_pattern_covers_the_mask_exactly(case, gran):
+    """Attended pairs lie only in kept blocks; 'full' blocks hold only attended pairs and valid keys."""
+    q, k, _v, ids, km = make_case(case)
+    bsz, hq, n, _ = q.shape
+    kmask = torch.ones(bsz, n, dtype=torch.bool) if km is None else km
+    index = build_cube_index(ids)
+    pol = SelectionPolicy(p=0.5)
+    sel = select_units(q, cube_mean_keys(k, index), ids, kmask, index, pol, q.shape[-1] ** -0.5, gran)
+    mask = reference_attention_mask(q, k, ids, pol, key_mask=km, granularity=gran)
+    blk = 16
+    pat = block_pattern(sel, ids, kmask, index, blk)
+    for b in range(bsz):
+        perm = pat.k_perm[b]
+        assert torch.equal(torch.sort(perm).values, torch.arange(n)), "not a permutation"
+        mp = mask[b][:, perm][:, :, perm]  # permuted mask, queries and keys
+        sp = -(-n // blk) * blk
+        mp = torch.nn.functional.pad(mp, (0, sp - n, 0, sp - n))
+        blocks = mp.view(hq, sp // blk, blk, sp // blk, blk)
+        anyb = blocks.any(4).any(2)
+        assert not (anyb & ~pat.kept[b]).any(), "an attended pair outside the kept blocks"
+        qv = pat.q_valid[b].view(-1, blk)
+        allb = (blocks | ~qv[None, :, :, None, None]).all(4).all(2)
+        assert not (pat.full[b] & ~allb).any(), "a 'full' block holds a skipped pair"
+    # attended pairs counted by class equal the brute-force count
+    assert attended_pairs(sel, ids, kmask).tolist() == mask.sum(dim=(0, 2, 3)).double().tolist()
+
+
+def test_cube_major_order_makes_cubes_contiguous():
+    ids = torch.tensor([[-1, 0, 0, 1, 1, 0, 0, 1, 1, -1, 2, 3, 2, 3, -1]])
+    perm = cube_major_order(ids, build_cube_index(ids))[0]
+    assert perm.tolist() == [0, 1, 2, 5, 6, 3, 4, 7, 8, 9, 10, 12, 11, 13, 14]
+
+
+@pytest.mark.parametrize("backend", ["gather", "flex"])
+@pytest.mark.parametrize("gran", GRANS)
+def test_stats_equal_brute_force(backend, gran):
+    if backend == "flex" and not flex_available("cpu"):
+        pytest.skip("no C++ compiler for flex")
+    q, k, v, ids, km = make_case(CASES[4])
+    st = AttentionStats(q.shape[1], q.shape[3])
+    cube_sparse_attention(
+        q, k, v, ids, 0.6, key_mask=km, backend=backend, granularity=gran, stats=st, query_block=32
+    )
+    ref = AttentionStats(q.shape[1], q.shape[3])
+    cube_sparse_attention(q, k, v, ids, 0.6, key_mask=km, backend="reference", granularity=gran, stats=ref)
+    mask = reference_attention_mask(q, k, ids, 0.6, key_mask=km, granularity=gran)
+    assert st.attended.tolist() == ref.attended.tolist() == mask.sum(dim=(0, 2, 3)).double().tolist()
+    assert st.causal_pairs == ref.causal_pairs and st.queries == ref.queries
+    assert st.kept_sum.tolist() == ref.kept_sum.tolist()
+    assert st.entropy_sum.tolist() == pytest.approx(ref.entropy_sum.tolist())
+    assert st.executed >= st.attended.sum()
+
+
+@pytest.mark.parametrize("case", [CASES[3], CASES[5]], ids=["gqa", "two_videos_text"])
+@pytest.mark.parametrize("backend", ["gather", "flex"])
+def test_bf16_error_within_twice_pytorch(case, backend):
+    if backend == "flex" and not flex_available("cpu"):
+        pytest.skip("no C++ compiler for flex")
+    q, k, v, ids, km = make_case(case, dtype=torch.bfloat16, seed=3)
+    for gran in GRANS:
+        truth = cube_sparse_attention_reference(
+            q.float(), k.float(), v.float(), ids, 0.7, key_mask=km, granularity=gran
+        )
+        own = cube_sparse_attention_reference(q, k, v, ids, 0.7, key_mask=km, granularity=gran)
+        fast = cube_sparse_attention(
+            q, k, v, ids, 0.7, key_mask=km, backend=backend, granularity=gran, query_block=32
+        )
+        assert fast.dtype == torch.bfloat16
+        err_own = (own.float() - truth).abs().max().item()
+        err_fast = (fast.float() - truth).abs().max().item()
+        assert err_fast <= 2 * err_own, (gran, err_fast, err_own)
+
+
+def test_gather_gradients_match_reference():
+    q, k, v, ids, km = make_case(CASES[4])
+    for gran in GRANS:
+        grads = []
+        for be in ("reference", "gather"):
+            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+            out = cube_sparse_attention(qq, kk, vv, ids, 0.6, key_mask=km, backend=be, granularity=gran)
+            (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+            grads.append((qq.grad, kk.grad, vv.grad))
+        for a, b in zip(*grads, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("gran", GRANS)
+def test_new_tokens_after_a_cache(gran):
+    """Decoding (text queries) and a chunk with video queries, both against the reference."""
+    q, k, v, ids, km = make_case(CASES[5], seed=7)
+    for m in (1, 3, 40):
+        qs = q[:, :, -m:]
+        ref = cube_sparse_attention_reference(qs, k, v, ids, 0.5, key_mask=km, granularity=gran)
+        for be in ("auto", "gather"):
+            out = cube_sparse_attention(qs, k, v, ids, 0.5, key_mask=km, backend=be, granularity=gran)
+            torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+
+
+def test_backend_resolution_and_errors():
+    cpu = torch.device("cpu")
+    assert resolve_attention_backend("auto", cpu, torch.float32) == "gather"
+    assert resolve_attention_backend("auto", cpu, torch.float32, prefill=False) == "blocked"
+    if flex_available(cpu):
+        assert resolve_attention_backend("auto", cpu, torch.bfloat16) == "flex"
+    q, k, v, ids, _ = make_case(CASES[3])
+    with pytest.raises(ValueError, match="granularity"):
+        cube_sparse_attention(q, k, v, ids, 0.5, granularity="frame")
+    with pytest.raises(ValueError, match="selects per token"):
+        cube_sparse_attention(q, k, v, ids, 0.5, backend="blocked", granularity="cube")
+    with pytest.raises(ValueError, match="prefill only"):
+        cube_sparse_attention(q[:, :, -2:], k, v, ids, 0.5, backend="flex")
+
+
+def test_bucket_length():
+    assert bucket_length(1, 128) == 128
+    assert bucket_length(500, 128) == 512
+    for n in (600, 1000, 5000, 33000, 100_000):
+        b = bucket_length(n, 128)
+        assert b >= n and b % 128 == 0 and b <= 1.25 * n + 128
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("gran", GRANS)
+def test_cuda_flex_equals_reference(gran):
+    q, k, v, ids, km = (t.cuda() if t is not None else None for t in make_case(CASES[4]))
+    ref = cube_sparse_attention_reference(q, k, v, ids, 0.6, key_mask=km, granularity=gran)
+    for be in ("flex", "gather", "auto"):
+        out = cube_sparse_attention(q, k, v, ids, 0.6, key_mask=km, backend=be, granularity=gran)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)

@@ -18,6 +18,8 @@ def test_ops_api():
         "cube_mean_keys",
         "cube_sparse_attention",
         "cube_sparse_attention_blocked",
+        "cube_sparse_attention_flex",
+        "cube_sparse_attention_gather",
         "cube_sparse_attention_reference",
         "cube_sparse_ffn",
         "cube_sparse_ffn_gathered",
@@ -37,6 +39,8 @@ def test_fast_paths_share_the_reference_signature():
 
     from adaspark.ops import (
         cube_sparse_attention_blocked,
+        cube_sparse_attention_flex,
+        cube_sparse_attention_gather,
         cube_sparse_attention_reference,
         cube_sparse_ffn_gathered,
         cube_sparse_ffn_reference,
@@ -46,4 +50,6 @@ def test_fast_paths_share_the_reference_signature():
         return list(inspect.signature(f).parameters)
 
     assert params(cube_sparse_attention_blocked) == params(cube_sparse_attention_reference)
+    assert params(cube_sparse_attention_gather) == params(cube_sparse_attention_reference)
+    assert params(cube_sparse_attention_flex) == params(cube_sparse_attention_reference)
     assert params(cube_sparse_ffn_gathered) == params(cube_sparse_ffn_reference)

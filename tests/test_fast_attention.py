@@ -219,10 +219,12 @@ def test_new_tokens_after_a_cache(gran):
 
 def test_backend_resolution_and_errors():
     cpu = torch.device("cpu")
-    assert resolve_attention_backend("auto", cpu, torch.float32) == "gather"
+    assert resolve_attention_backend("auto", cpu, torch.float16) == "gather"
+    assert resolve_attention_backend("auto", cpu, torch.float32, num_tokens=100) == "gather"
     assert resolve_attention_backend("auto", cpu, torch.float32, prefill=False) == "blocked"
     if flex_available(cpu):
         assert resolve_attention_backend("auto", cpu, torch.bfloat16) == "flex"
+        assert resolve_attention_backend("auto", cpu, torch.float32) == "flex"
     q, k, v, ids, _ = make_case(CASES[3])
     with pytest.raises(ValueError, match="granularity"):
         cube_sparse_attention(q, k, v, ids, 0.5, granularity="frame")

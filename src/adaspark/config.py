@@ -75,10 +75,10 @@ class AdaSparkConfig:
             ``"gather"`` (cube-major blocks, kept key blocks gathered per GQA group), ``"flex"``
             (compiled ``flex_attention`` with a block mask from the selection; prefill) or
             ``"auto"`` (picks the efficient path for the device, dtype and call: flex for prefill
-            on CUDA and bfloat16 CPU, gather otherwise, blocked for decoding, dense SDPA when the
-            policy keeps everything).
+            on CUDA and CPU when it can compile, gather otherwise, blocked for decoding, dense SDPA
+            when the policy keeps everything).
         query_block: Block size (tokens) of the attention path; ``None`` = the path's default
-            (128 for blocked and flex, 64 for gather).
+            (128 for blocked, 64 for gather and flex).
     """
 
     p: float = 0.9

@@ -82,17 +82,34 @@ def as_policy(p: float | SelectionPolicy | None, policy: SelectionPolicy | None)
 def masked_softmax(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim restricted to ``valid``; rows without a valid entry give zeros.
 
+    Non-finite scores have a defined result (scores of a NaN/inf query or cube mean key, or a
+    float32 overflow of ``q · k̄``), so a single bad cube cannot derail the selection of the others:
+
+    * ``NaN`` counts as ``-inf``: probability exactly 0, and the other entries are normalised
+      without it (a row whose valid scores are all NaN gives zeros, like a row with none);
+    * ``+inf`` entries share the row's whole mass equally (the limit of the softmax), the finite
+      ones get 0;
+    * ``-inf`` gets probability 0.
+
+    The output never contains NaN. Only the row maxima are checked on the common (finite) path.
+
     Args:
         scores: ``[..., C]`` float scores (any float dtype; computed in float32).
         valid: ``[..., C]`` bool, broadcastable to ``scores``.
 
     Returns:
-        ``[..., C]`` float32 probabilities, exactly 0 outside ``valid``.
+        ``[..., C]`` float32 probabilities, exactly 0 outside ``valid``; rows sum to 1 or 0.
     """
     s = scores.float().masked_fill(~valid, float("-inf"))
-    mx = s.amax(dim=-1, keepdim=True)
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    e = torch.exp(s - mx)
+    mx = s.amax(dim=-1, keepdim=True)  # NaN iff the row holds a NaN, +inf iff it holds a +inf
+    if bool((torch.isnan(mx) | torch.isposinf(mx)).any()):
+        s = s.masked_fill(torch.isnan(s), float("-inf"))
+        mx = s.amax(dim=-1, keepdim=True)
+        top = torch.isposinf(mx)
+        shift = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+        e = torch.where(top, torch.isposinf(s).float(), torch.exp(s - shift))
+    else:
+        e = torch.exp(s - torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)))
     z = e.sum(dim=-1, keepdim=True)
     return e / torch.where(z > 0, z, torch.ones_like(z))
 
@@ -108,7 +125,7 @@ def keep_from_probs(probs: torch.Tensor, valid: torch.Tensor, policy: SelectionP
 
     Args:
         probs: ``[..., C]`` probabilities (float32 or float64, kept at that precision; zero outside
-            ``valid``; rows sum to 1 or 0).
+            ``valid``; rows sum to 1 or 0; no NaN, as :func:`masked_softmax` guarantees).
         valid: ``[..., C]`` bool candidate mask (same shape as ``probs``).
         policy: How many to keep.
 

@@ -8,7 +8,9 @@ Backends (all exact: same mask as the reference, errors within 2× PyTorch's own
 * ``gather`` – cube-major blocks, kept key blocks gathered per GQA group, one SDPA per block;
 * ``flex`` – compiled ``flex_attention`` with a ``BlockMask`` from the selection (prefill);
 * ``auto`` – dense SDPA when the policy keeps everything, ``blocked`` for new tokens after a cache,
-  ``flex`` for prefill on CUDA and for bfloat16 on CPU, ``gather`` otherwise.
+  ``flex`` for prefill from 4096 tokens on CUDA and on CPU (bfloat16, float32) when a C++ compiler
+  is there, ``gather`` otherwise. (The gather loop was meant for float32 on CPU; measured against
+  flex with 64-token blocks it lost in float32 too — see the README's benchmark section.)
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ __all__ = [
     "resolve_attention_backend",
 ]
 
+#: shortest prefill for which ``auto`` compiles flex_attention
+FLEX_MIN_TOKENS = 4096
+
 ATTENTION_BACKENDS = {
     "reference": cube_sparse_attention_reference,
     "blocked": cube_sparse_attention_blocked,
@@ -61,8 +66,13 @@ def resolve_attention_backend(
     prefill: bool = True,
     granularity: str = "token",
     video_queries: bool = True,
+    num_tokens: int = FLEX_MIN_TOKENS,
 ) -> str:
-    """The concrete backend ``"auto"`` stands for on this device/dtype and call shape."""
+    """The concrete backend ``"auto"`` stands for on this device/dtype and call shape.
+
+    Flex is chosen only from :data:`FLEX_MIN_TOKENS` tokens on: below that, its compile time (seconds
+    per new shape) is not paid back.
+    """
     if backend != "auto":
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(
@@ -73,7 +83,8 @@ def resolve_attention_backend(
         # new tokens after a cache: per-token selection, only the kept cubes' K/V are read
         return "gather" if granularity == "cube" and video_queries else "blocked"
     dev = torch.device(device)
-    if (dev.type == "cuda" or (dev.type == "cpu" and dtype == torch.bfloat16)) and flex_available(dev):
+    cpu_ok = dev.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
+    if (dev.type == "cuda" or cpu_ok) and num_tokens >= FLEX_MIN_TOKENS and flex_available(dev):
         return "flex"
     return "gather"
 
@@ -116,8 +127,8 @@ def cube_sparse_attention(
         mean_keys: Optional cached ``[B, Hkv, C, D]`` float32 cube mean keys (decoding).
         index: Optional precomputed :class:`~adaspark.ops.cubes.CubeIndex` of ``cube_ids``.
         stats: Optional :class:`AttentionStats` to accumulate densities and selection statistics.
-        query_block: Block size of the chosen path (``None``: its default — 128 for ``blocked``
-            and ``flex``, 64 (one 4×4×4 cube) for ``gather``).
+        query_block: Block size of the chosen path (``None``: its default — 128 for ``blocked``,
+            64 (one 4×4×4 cube) for ``gather`` and ``flex``).
         granularity: ``"token"`` (SPEC.md's reference semantics) or ``"cube"``.
 
     Returns:
@@ -135,21 +146,21 @@ def cube_sparse_attention(
     nq, nk = q.shape[-2], k.shape[-2]
     video_queries = nq == nk or bool((cube_ids[:, nk - nq :] >= 0).any())
     name = resolve_attention_backend(
-        backend, q.device, q.dtype, prefill=nq == nk, granularity=granularity, video_queries=video_queries
+        backend,
+        q.device,
+        q.dtype,
+        prefill=nq == nk,
+        granularity=granularity,
+        video_queries=video_queries,
+        num_tokens=nk,
     )
     pol = as_policy(p, policy)
     if backend == "auto" and pol.keeps_all:
         check_attention_inputs(q, k, v, cube_ids, key_mask)
         return dense_causal_attention(q, k, v, scale=scale, key_mask=key_mask, stats=stats)
-    if name == "blocked" and granularity == "cube" and video_queries:
-        raise ValueError(
-            "the 'blocked' backend selects per token; use 'gather' or 'flex' for granularity='cube'"
-        )
     if name == "flex" and nq != nk:
         raise ValueError(f"the 'flex' backend runs prefill only (Nq == Nk), got Nq={nq}, Nk={nk}")
     kwargs = {} if query_block is None else {"query_block": query_block}
-    if name in ("reference", "gather", "flex"):
-        kwargs["granularity"] = granularity
     return ATTENTION_BACKENDS[name](
         q,
         k,
@@ -162,5 +173,6 @@ def cube_sparse_attention(
         mean_keys=mean_keys,
         index=index,
         stats=stats,
+        granularity=granularity,
         **kwargs,
     )

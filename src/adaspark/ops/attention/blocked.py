@@ -21,6 +21,7 @@ from adaspark.ops.attention.common import (
     check_attention_inputs,
     select_range,
 )
+from adaspark.ops.attention.units import check_granularity
 from adaspark.ops.cubes import CubeIndex, build_cube_index, cube_mean_keys
 from adaspark.ops.selection import SelectionPolicy, as_policy
 
@@ -45,12 +46,20 @@ def cube_sparse_attention_blocked(
     index: CubeIndex | None = None,
     stats: AttentionStats | None = None,
     query_block: int = 128,
+    granularity: str = "token",
 ) -> torch.Tensor:
     """Efficient AdaS-Attn by key gathering (same signature as the reference).
 
-    ``query_block`` is rounded up to a multiple of ``SELECT_BLOCK`` (64).
+    ``query_block`` is rounded up to a multiple of ``SELECT_BLOCK`` (64). Selection is per token:
+    ``granularity="cube"`` is accepted only when no query is a video token (then both are the same,
+    e.g. decoding), and raises otherwise.
     """
     bsz, hq, hkv, nq, nk, d = check_attention_inputs(q, k, v, cube_ids, key_mask)
+    check_granularity(granularity)
+    if granularity == "cube" and bool((cube_ids[:, nk - nq :] >= 0).any()):
+        raise ValueError(
+            "the 'blocked' backend selects per token; use 'gather' or 'flex' for granularity='cube'"
+        )
     pol = as_policy(p, policy)
     scale = d**-0.5 if scale is None else scale
     own_means = mean_keys is None

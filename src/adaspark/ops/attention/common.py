@@ -154,8 +154,10 @@ def select_block(
     g = hq // hkv
     qf = q_blk.reshape(hkv, g * bq, d).float()
     scores = torch.matmul(qf, mean_keys_b.transpose(-1, -2)).view(hq, bq, c) * scale
-    probs = masked_softmax(scores, cand[None])
-    keep = keep_from_probs(probs, cand[None].expand(hq, bq, c), policy)
+    # a cube whose score is NaN (NaN in its keys or the query) is never a candidate, whatever the policy
+    ok = cand[None] & ~torch.isnan(scores)
+    probs = masked_softmax(scores, ok)
+    keep = keep_from_probs(probs, ok, policy)
     return keep, probs, cand
 
 

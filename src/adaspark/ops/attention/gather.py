@@ -3,7 +3,9 @@
 Selection (:func:`~adaspark.ops.attention.units.select_units`, token or cube granularity) →
 block pattern (:func:`~adaspark.ops.attention.blocks.block_pattern`, cube-major order) → for each
 query block, the key blocks kept by any query head of a GQA group are gathered once per kv head, and
-one SDPA call runs with the group's query heads stacked along the query axis (no repeated K/V). The
+one SDPA call runs with the group's query heads stacked along the query axis (no repeated K/V);
+when the heads of a group keep very different blocks (their union would cost much more than each
+head's own set), the blocks are gathered per query head instead. The
 additive mask is built at block level (0 for blocks every pair of which is attended, ``-inf`` for
 blocks a head does not keep) and evaluated token by token only on the few *partial* blocks (the
 causal diagonal, ragged cube edges, two cubes of one block keeping different sets). When a query
@@ -32,6 +34,9 @@ __all__ = ["DENSE_PREFIX_FRACTION", "GATHER_BLOCK", "cube_sparse_attention_gathe
 GATHER_BLOCK = 64
 #: a query block that keeps at least this fraction of its causal prefix attends the prefix in place
 DENSE_PREFIX_FRACTION = 0.75
+#: gather per query head (instead of once per GQA group, heads stacked) when the busiest head keeps
+#: fewer than this fraction of the blocks of the busiest group's union
+PER_HEAD_FRACTION = 0.7
 
 
 def prepare_blocks(
@@ -79,7 +84,7 @@ def cube_sparse_attention_gather(
     index: CubeIndex | None = None,
     stats: AttentionStats | None = None,
     query_block: int = GATHER_BLOCK,
-    granularity: str = "cube",
+    granularity: str = "token",
 ) -> torch.Tensor:
     """AdaS-Attn by block gathering (same signature as the reference).
 
@@ -100,6 +105,8 @@ def cube_sparse_attention_gather(
     n_qb, n_kb = sq // block, sk // block
     out = torch.zeros_like(q)
     ar_blk = torch.arange(block, device=q.device)
+    kv_of_head = torch.arange(hq, device=q.device) // g
+    kv_of_group = torch.arange(hkv, device=q.device)
     ncls = sel.table.shape[-1]
     executed = 0
     neg = float("-inf")
@@ -108,6 +115,7 @@ def cube_sparse_attention_gather(
         kp = _permute_rows(k[b], pat.k_perm[b], sk)
         vp = _permute_rows(v[b], pat.k_perm[b], sk)
         outp = q.new_zeros(hq, sq, d)
+        kflat, vflat = kp.reshape(hkv * sk, d), vp.reshape(hkv * sk, d)
         table_b = sel.table[b]
         for qb in range(n_qb):
             qs, qe = qb * block, (qb + 1) * block
@@ -115,56 +123,62 @@ def cube_sparse_attention_gather(
             nqv = int(qv.sum())
             if nqv == 0:
                 continue
-            kept_h = pat.kept[b, :, qb].view(hkv, g, n_kb)
-            full_h = pat.full[b, :, qb].view(hkv, g, n_kb)
-            grp = kept_h.any(1)  # [Hkv, nK]
+            kept_q = pat.kept[b, :, qb]  # [Hq, nK]
+            grp = kept_q.view(hkv, g, n_kb).any(1)  # [Hkv, nK]
             cnt = grp.sum(1)
-            mb = int(cnt.max())
-            if mb == 0:
+            if int(cnt.max()) == 0:
                 continue
             last = int(grp.any(0).nonzero().max()) + 1
+            per_head = kept_q.sum(1)
             if int(cnt.sum()) >= DENSE_PREFIX_FRACTION * hkv * last:
-                # dense fallback for this block: the causal prefix in place, masked
-                mb = last
+                # dense fallback for this block: the causal prefix in place, masked; heads stacked
+                ng, gs, mb = hkv, g, last
                 order = torch.arange(last, device=q.device).expand(hkv, last)
                 slot_ok = grp[:, :last]
                 kg, vg = kp[:, : last * block], vp[:, : last * block]
             else:
+                if g > 1 and int(per_head.max()) < PER_HEAD_FRACTION * int(cnt.max()):
+                    # the heads of a group keep different blocks: one gather per query head
+                    ng, gs, sets, src = hq, 1, kept_q, kv_of_head
+                else:
+                    ng, gs, sets, src = hkv, g, grp, kv_of_group
+                n_set = sets.sum(1)
+                mb = int(n_set.max())
                 # kept blocks first, in ascending order (stable sort); padded slots point at block 0
-                order = torch.argsort(grp.int(), dim=1, descending=True, stable=True)[:, :mb]
-                slot_ok = torch.arange(mb, device=q.device)[None] < cnt[:, None]
+                order = torch.argsort(sets.to(torch.int8), dim=1, descending=True, stable=True)[:, :mb]
+                slot_ok = torch.arange(mb, device=q.device)[None] < n_set[:, None]
                 order = torch.where(slot_ok, order, torch.zeros_like(order))
-                tok = (order[:, :, None] * block + ar_blk).view(hkv, mb * block, 1).expand(-1, -1, d)
-                kg = kp.gather(1, tok)
-                vg = vp.gather(1, tok)
-            ix = order[:, None].expand(hkv, g, mb)
-            kept_o = kept_h.gather(2, ix) & slot_ok[:, None]
-            full_o = full_h.gather(2, ix) & kept_o
-            part_o = kept_o & ~full_o  # [Hkv, g, mb]
-            bias = torch.zeros(hkv, g, 1, mb, 1, dtype=q.dtype, device=q.device)
+                tok = (src[:, None, None] * sk + order[:, :, None] * block + ar_blk).view(-1)
+                kg = kflat.index_select(0, tok).view(ng, mb * block, d)
+                vg = vflat.index_select(0, tok).view(ng, mb * block, d)
+            ix = order[:, None].expand(ng, gs, mb)
+            kept_o = pat.kept[b, :, qb].view(ng, gs, n_kb).gather(2, ix) & slot_ok[:, None]
+            full_o = pat.full[b, :, qb].view(ng, gs, n_kb).gather(2, ix) & kept_o
+            part_o = kept_o & ~full_o  # [ng, gs, mb]
+            bias = torch.zeros(ng, gs, 1, mb, 1, dtype=q.dtype, device=q.device)
             bias.masked_fill_(~kept_o[:, :, None, :, None], neg)
-            bias = bias.expand(hkv, g, block, mb, block).contiguous()
+            bias = bias.expand(ng, gs, block, mb, block).contiguous()
             pcols = part_o.any(1).any(0).nonzero().squeeze(1)
             if pcols.numel():
                 npc = pcols.numel()
-                kb = order[:, pcols]  # [Hkv, P] key blocks
-                slots = (kb[:, :, None] * block + ar_blk).view(hkv, npc * block)
-                kcls = pat.k_cls[b][slots]  # [Hkv, P*block]
+                kb = order[:, pcols]  # [ng, P] key blocks
+                slots = (kb[:, :, None] * block + ar_blk).view(ng, npc * block)
+                kcls = pat.k_cls[b][slots]  # [ng, P*block]
                 kpos = pat.k_pos[b][slots]
                 kval = pat.k_valid[b][slots]
-                rows = table_b.index_select(1, pat.q_unit[b, qs:qe]).view(hkv, g * block, ncls)
-                allowed = rows.gather(2, kcls[:, None, :].expand(hkv, g * block, npc * block))
-                allowed = allowed.view(hkv, g, block, npc * block)
+                rows = table_b.index_select(1, pat.q_unit[b, qs:qe]).view(ng, gs * block, ncls)
+                allowed = rows.gather(2, kcls[:, None, :].expand(ng, gs * block, npc * block))
+                allowed = allowed.view(ng, gs, block, npc * block)
                 allowed &= (kpos[:, None, :] <= pat.q_pos[b, qs:qe][:, None])[:, None] & kval[:, None, None]
                 tok_bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
                 tok_bias.masked_fill_(~allowed, neg)
-                tok_bias = tok_bias.view(hkv, g, block, npc, block)
+                tok_bias = tok_bias.view(ng, gs, block, npc, block)
                 sub = bias[:, :, :, pcols]
                 bias[:, :, :, pcols] = torch.where(part_o[:, :, None, pcols, None], tok_bias, sub)
-            bias = bias.view(1, hkv, g * block, mb * block)
+            bias = bias.view(1, ng, gs * block, mb * block)
             if nqv < block:
-                bias = bias.masked_fill(~qv.repeat(g)[None, None, :, None], neg)
-            qg = qp[:, qs:qe].reshape(1, hkv, g * block, d)
+                bias = bias.masked_fill(~qv.repeat(gs)[None, None, :, None], neg)
+            qg = qp[:, qs:qe].reshape(1, ng, gs * block, d)
             o = F.scaled_dot_product_attention(qg, kg[None], vg[None], attn_mask=bias, scale=scale)
             outp[:, qs:qe] = o.view(hq, block, d)
             executed += nqv * mb * block * hq

@@ -177,7 +177,8 @@ def cube_sparse_attention_reference(
     scores = torch.matmul(q, kr.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
     w = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
-    w = torch.nan_to_num(w, nan=0.0).to(q.dtype)
+    # rows that attend nothing (padding queries) are zero; NaN from the inputs propagates as in SDPA
+    w = w.masked_fill(~mask.any(-1, keepdim=True), 0.0).to(q.dtype)
     out = torch.matmul(w, vr)
     if stats is not None:
         km = torch.ones(bsz, nk, dtype=torch.bool, device=q.device) if key_mask is None else key_mask

@@ -132,7 +132,12 @@ def cube_unit_probs(
         cand = (first_pos_b[None, :] <= pos[:, None]) & (cids[None, :] != own[:, None])  # [n, C]
         qf = q_b.index_select(1, idx).reshape(hkv, g * n, d).float()
         scores = torch.matmul(qf, mkt).view(hq, n, c) * scale
-        probs = masked_softmax(scores, cand[None])
+        ok = cand[None] & ~torch.isnan(scores)
+        # one fused softmax; the rare rows it cannot take (no candidate, +inf scores) are redone
+        probs = torch.softmax(scores.masked_fill_(~ok, float("-inf")), dim=-1)
+        bad = torch.isnan(probs).any(-1)
+        if bool(bad.any()):
+            probs[bad] = masked_softmax(scores[bad], ok[bad])
         acc.index_add_(1, own, probs)
         has = cand.any(-1)
         n_sel.index_add_(0, own, has.long())

@@ -27,12 +27,16 @@ FFN_BACKENDS = {"reference": cube_sparse_ffn_reference, "gathered": cube_sparse_
 
 
 def resolve_ffn_backend(backend: str) -> str:
-    """Map a config backend name (``auto``/``reference``/``blocked``/``gathered``) to an FFN path."""
-    if backend in ("auto", "blocked", "gathered"):
+    """Map a config backend name (``auto``/``reference``/``blocked``/``gather``/``flex``/``gathered``)
+    to an FFN path: every efficient attention backend pairs with the gathered FFN."""
+    if backend in ("auto", "blocked", "gather", "flex", "gathered"):
         return "gathered"
     if backend == "reference":
         return "reference"
-    raise ValueError(f"unknown FFN backend {backend!r}; choose from 'auto', 'reference', 'gathered'")
+    raise ValueError(
+        f"unknown FFN backend {backend!r}; choose from 'auto', 'reference', 'gathered' "
+        "(or an attention backend name)"
+    )
 
 
 def cube_sparse_ffn(

@@ -4,6 +4,13 @@ Layout: ``x`` ``[B, N, d]`` residual stream entering the FFN sub-layer, ``cube_i
 (``-1`` = not video), ``scores`` ``[B, N]`` (default: L2 norm of ``x``). Within a cube the
 distribution is ``score / sum(scores of the cube)`` (uniform if the cube's scores sum to 0), computed
 in float64; non-video tokens are always active.
+
+Non-finite values: a video token whose score is NaN or ±inf (a residual row holding NaN/inf) is
+never selected, whatever the policy (``p = 1`` included): it receives its cube's compensation like
+any skipped token, so its output ``x + delta`` stays non-finite exactly where ``x`` is, and the cube
+mean that its neighbours receive stays finite — as in the dense FFN, which is row-wise, a bad row
+never spreads. A cube with no finite score keeps no token; its tokens get a zero update. Norms of
+finite inputs do not overflow: see :func:`token_scores`.
 """
 
 from __future__ import annotations
@@ -59,14 +66,29 @@ def check_ffn_inputs(x: torch.Tensor, cube_ids: torch.Tensor, scores: torch.Tens
 
 
 def token_scores(x: torch.Tensor) -> torch.Tensor:
-    """L2 norm of every token, ``[B, N, d] -> [B, N]``, accumulated in at least float32 (no overflow
-    for bf16/fp16 inputs; float64 stays float64)."""
-    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
+    """L2 norm of every token, ``[B, N, d] -> [B, N]``, in float32 (float64 for float64 inputs).
+
+    Accumulated in at least float32, so fp16 squares never overflow. Rows whose float32 norm
+    still overflows (bf16/float32 entries beyond ~1.8e19) are recomputed in float64, scaled by their
+    largest entry, so a finite row gets its true norm whenever that fits the result dtype; only a
+    row holding inf (or a norm beyond the float32 range) scores ``inf``, and a row holding NaN
+    scores NaN. The check runs on the ``[B, N]`` norms, not on ``x``.
+    """
+    out = torch.linalg.vector_norm(x, dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
+    over = torch.isposinf(out)
+    if bool(over.any()):
+        rows = x[over].double()  # [M, d], only the overflowing rows
+        top = rows.abs().amax(dim=-1)
+        fixed = top * torch.linalg.vector_norm(rows / top[:, None], dim=-1)
+        out[over] = torch.where(torch.isinf(top), top, fixed).to(out.dtype)  # a row holding inf stays inf
+    return out
 
 
 def _cube_probs(s: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Normalise non-negative scores ``[..., S]`` within each row (float64); zero rows are uniform."""
-    s = torch.nan_to_num(s.double(), nan=0.0, posinf=torch.finfo(torch.float64).max).clamp_min(0) * valid
+    """Normalise scores ``[..., S]`` within each row (float64; negatives count as 0); rows that sum to
+    zero are uniform over ``valid``. Entries outside ``valid`` (which must hold every non-finite
+    score) are exactly 0."""
+    s = torch.where(valid, s.double(), 0.0).clamp_min(0)
     tot = s.sum(-1, keepdim=True)
     uni = valid.double() / valid.sum(-1, keepdim=True).clamp_min(1)
     return torch.where(tot > 0, s / torch.where(tot > 0, tot, torch.ones_like(tot)), uni)
@@ -82,7 +104,8 @@ def select_ffn_tokens(
     """Active tokens ``[B, N]`` bool: all non-video tokens plus each cube's kept set (vectorised).
 
     Args:
-        scores: ``[B, N]`` non-negative token scores (L2 norms).
+        scores: ``[B, N]`` non-negative token scores (L2 norms); video tokens with a non-finite
+            score are never selected (see the module docstring).
         cube_ids: ``[B, N]`` int64, ``-1`` = not video.
         policy: selection policy applied within each cube.
         index: optional precomputed cube index of ``cube_ids``.
@@ -97,6 +120,7 @@ def select_ffn_tokens(
     valid = tidx >= 0
     flat = tidx.clamp_min(0).reshape(bsz, -1)
     s = scores.gather(1, flat).view_as(tidx)
+    valid = valid & torch.isfinite(s)  # [B, C, S]: one entry per video token, cheap
     keep = keep_from_probs(_cube_probs(s, valid), valid, policy)  # [B, C, S]
     active = active.clone()
     rows = torch.arange(bsz, device=scores.device)[:, None, None].expand_as(tidx)
@@ -117,7 +141,8 @@ def select_ffn_tokens_reference(
         ids = cube_ids[b]
         for c in torch.unique(ids[ids >= 0]).tolist():
             pos = (ids == c).nonzero().squeeze(1)  # ascending positions
-            probs = _cube_probs(scores[b, pos], torch.ones(pos.numel(), dtype=torch.bool))
-            keep = keep_from_probs(probs[None], torch.ones(1, pos.numel(), dtype=torch.bool), policy)[0]
+            finite = torch.isfinite(scores[b, pos])
+            probs = _cube_probs(scores[b, pos], finite)
+            keep = keep_from_probs(probs[None], finite[None], policy)[0]
             active[b, pos[keep]] = True
     return active

@@ -29,7 +29,8 @@ def cube_sparse_ffn_reference(
     stats: FFNStats | None = None,
 ) -> torch.Tensor:
     """``delta = f(x)`` for active tokens; for a skipped token ``k`` of cube ``i``, the mean of
-    ``f(x)`` over the active tokens of cube ``i`` (or 0 without mean compensation).
+    ``f(x)`` over the active tokens of cube ``i`` (0 without mean compensation, or when the cube has
+    no active token, which happens only when all its scores are non-finite).
 
     Same signature as :func:`adaspark.ops.cube_sparse_ffn`.
     """
@@ -47,8 +48,11 @@ def cube_sparse_ffn_reference(
             act = in_cube & active[b]
             skip = in_cube & ~active[b]
             if bool(skip.any()):
-                fill = y[b][act].mean(dim=0) if mean_compensation else torch.zeros_like(y[b, 0])
-                delta[b][skip] = fill
+                # a cube without an active token (all its scores non-finite) gets a zero update
+                if mean_compensation and bool(act.any()):
+                    delta[b][skip] = y[b][act].mean(dim=0)
+                else:
+                    delta[b][skip] = torch.zeros_like(y[b, 0])
     if stats is not None:
         video = cube_ids >= 0
         stats.tokens += cube_ids.numel()

@@ -23,16 +23,18 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from _bench import interleaved, machine, markdown_table, write_outputs
 from adaspark.core.layout import grid_cube_ids
 from adaspark.ops import AttentionStats, cube_sparse_attention
 from adaspark.ops.attention import resolve_attention_backend
 from adaspark.ops.cubes import build_cube_index, cube_mean_keys
+
+from _bench import interleaved, machine, markdown_table, write_outputs
 
 PRE, POST = 64, 64  # text tokens before / after the video
 SIDE = 16  # LM tokens per frame side (a 448×448 frame after the 2×2 merge)
@@ -82,7 +84,7 @@ def main(argv=None) -> None:
     ap.add_argument("--heads", type=int, default=28)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--focus", type=float, default=1.5, help="how peaked the synthetic cube distributions are")
+    ap.add_argument("--focus", type=float, default=0.5, help="how peaked the synthetic distributions are")
     ap.add_argument("--looks", type=int, default=3, help="random earlier cubes each cube's queries look at")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode-lengths", type=int, nargs="*", default=[8192, 32768])
@@ -100,7 +102,7 @@ def main(argv=None) -> None:
                 n, args.heads, args.kv_heads, args.head_dim, args.focus, args.looks, dtype, args.device
             )
             nn = ids.shape[1]
-            fns = {"dense": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)}
+            fns = {"dense": partial(F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=True)}
             stats = {}
             for gran in args.granularity:
                 for p in args.p:
@@ -109,8 +111,8 @@ def main(argv=None) -> None:
                     # warm-up (compiles flex once per shape) and statistics
                     cube_sparse_attention(q, k, v, ids, p, backend=args.backend, granularity=gran, stats=st)
                     stats[name] = (gran, p, st)
-                    fns[name] = lambda p=p, gran=gran: cube_sparse_attention(
-                        q, k, v, ids, p, backend=args.backend, granularity=gran
+                    fns[name] = partial(
+                        cube_sparse_attention, q, k, v, ids, p, backend=args.backend, granularity=gran
                     )
             fns["dense"]()
             timing = interleaved(fns, args.repeats, args.device)
@@ -124,7 +126,7 @@ def main(argv=None) -> None:
                     "tokens": nn,
                     "granularity": gran,
                     "p": p,
-                    "backend": be if gran == "cube" or be != "blocked" else be,
+                    "backend": be,
                     "dense_s": td,
                     "adaspark_s": t,
                     "speedup": td / t,
@@ -154,15 +156,13 @@ def main(argv=None) -> None:
             q1 = q[:, :, -1:]
             index = build_cube_index(ids)
             means = cube_mean_keys(k, index)
-            fns = {"dense": lambda q1=q1, k=k, v=v: F.scaled_dot_product_attention(q1, k, v, enable_gqa=True)}
+            fns = {"dense": partial(F.scaled_dot_product_attention, q1, k, v, enable_gqa=True)}
             stats = {}
             for p in args.p:
                 st = AttentionStats(args.heads, args.head_dim)
                 cube_sparse_attention(q1, k, v, ids, p, mean_keys=means, index=index, stats=st)
                 stats[p] = st
-                fns[f"p={p}"] = lambda p=p, q1=q1, k=k, v=v: cube_sparse_attention(
-                    q1, k, v, ids, p, mean_keys=means, index=index
-                )
+                fns[f"p={p}"] = partial(cube_sparse_attention, q1, k, v, ids, p, mean_keys=means, index=index)
             for f in fns.values():
                 f()
             timing = interleaved(fns, max(args.repeats, 20), args.device)
@@ -223,7 +223,9 @@ def main(argv=None) -> None:
         for ax, dt_name in zip(axes[0], args.dtypes, strict=True):
             for gran in args.granularity:
                 for p in args.p:
-                    rs = [r for r in rows if r["dtype"] == dt_name and r["granularity"] == gran and r["p"] == p]
+                    rs = [
+                        r for r in rows if r["dtype"] == dt_name and r["granularity"] == gran and r["p"] == p
+                    ]
                     if not rs:
                         continue
                     x = [r["tokens"] for r in rs]

@@ -272,8 +272,10 @@ def select_units(
         tu = c + torch.arange(tq.numel(), device=dev)
         unit[b, tq] = tu
         table[b, :, :pad_unit, c] = True
-        if c and tq.numel():
-            for s in range(0, tq.numel(), 64):
+        # text before the first cube has no candidate: nothing to select
+        skip = int(((tq + q_offset) < index.first_pos[b].min()).sum()) if c else tq.numel()
+        if skip < tq.numel():
+            for s in range(skip, tq.numel(), 64):
                 idx = tq[s : s + 64]
                 pos = idx + q_offset
                 keep_t, probs_t, cand_t = select_block(

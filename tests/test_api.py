@@ -18,6 +18,7 @@ def test_ops_api():
         "cube_mean_keys",
         "cube_sparse_attention",
         "cube_sparse_attention_blocked",
+        "cube_sparse_attention_decode",
         "cube_sparse_attention_flex",
         "cube_sparse_attention_gather",
         "cube_sparse_attention_reference",
@@ -39,6 +40,7 @@ def test_fast_paths_share_the_reference_signature():
 
     from adaspark.ops import (
         cube_sparse_attention_blocked,
+        cube_sparse_attention_decode,
         cube_sparse_attention_flex,
         cube_sparse_attention_gather,
         cube_sparse_attention_reference,
@@ -51,5 +53,6 @@ def test_fast_paths_share_the_reference_signature():
 
     assert params(cube_sparse_attention_blocked) == params(cube_sparse_attention_reference)
     assert params(cube_sparse_attention_gather) == params(cube_sparse_attention_reference)
+    assert params(cube_sparse_attention_decode) == params(cube_sparse_attention_reference)
     assert params(cube_sparse_attention_flex) == params(cube_sparse_attention_reference)
     assert params(cube_sparse_ffn_gathered) == params(cube_sparse_ffn_reference)

@@ -23,6 +23,7 @@ from adaspark.ops.attention.units import (
     select_units,
 )
 from adaspark.ops.cubes import build_cube_index, cube_mean_keys
+
 from test_attention import CASES, make_case
 
 GRANS = ["token", "cube"]
@@ -212,7 +213,11 @@ def test_new_tokens_after_a_cache(gran):
     for m in (1, 3, 40):
         qs = q[:, :, -m:]
         ref = cube_sparse_attention_reference(qs, k, v, ids, 0.5, key_mask=km, granularity=gran)
-        for be in ("auto", "gather"):
+        for be in ("auto", "gather", "decode"):
+            if be == "decode" and gran == "cube" and m == 40:
+                with pytest.raises(ValueError, match="selects per token"):
+                    cube_sparse_attention(qs, k, v, ids, 0.5, key_mask=km, backend=be, granularity=gran)
+                continue
             out = cube_sparse_attention(qs, k, v, ids, 0.5, key_mask=km, backend=be, granularity=gran)
             torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
 
@@ -221,7 +226,8 @@ def test_backend_resolution_and_errors():
     cpu = torch.device("cpu")
     assert resolve_attention_backend("auto", cpu, torch.float16) == "gather"
     assert resolve_attention_backend("auto", cpu, torch.float32, num_tokens=100) == "gather"
-    assert resolve_attention_backend("auto", cpu, torch.float32, prefill=False) == "blocked"
+    assert resolve_attention_backend("auto", cpu, torch.float32, prefill=False) == "decode"
+    assert resolve_attention_backend("auto", cpu, torch.float32, prefill=False, num_queries=500) == "blocked"
     if flex_available(cpu):
         assert resolve_attention_backend("auto", cpu, torch.bfloat16) == "flex"
         assert resolve_attention_backend("auto", cpu, torch.float32) == "flex"

@@ -15,11 +15,11 @@ from typing import Literal
 from adaspark.ops.selection import SelectionPolicy
 
 Policy = Literal["top_p", "top_k", "ratio"]
-Backend = Literal["auto", "reference", "blocked", "gather", "flex"]
+Backend = Literal["auto", "reference", "blocked", "decode", "gather", "flex"]
 Granularity = Literal["token", "cube"]
 
 POLICIES: tuple[str, ...] = ("top_p", "top_k", "ratio")
-BACKENDS: tuple[str, ...] = ("auto", "reference", "blocked", "gather", "flex")
+BACKENDS: tuple[str, ...] = ("auto", "reference", "blocked", "decode", "gather", "flex")
 GRANULARITIES: tuple[str, ...] = ("token", "cube")
 
 
@@ -71,11 +71,12 @@ class AdaSparkConfig:
             costs ~1/cube-size of the per-token selection and lets the kernels skip whole blocks
             (non-video queries still select per token).
         backend: ``"reference"`` (naive, materialises masks; for testing), ``"blocked"``
-            (per-token selection, gathers the kept keys per query block; the decoding path),
+            (per-token selection, gathers the kept keys per query block), ``"decode"`` (a few new
+            tokens after a cache read only the kept cubes' K/V),
             ``"gather"`` (cube-major blocks, kept key blocks gathered per GQA group), ``"flex"``
             (compiled ``flex_attention`` with a block mask from the selection; prefill) or
             ``"auto"`` (picks the efficient path for the device, dtype and call: flex for prefill
-            on CUDA and CPU when it can compile, gather otherwise, blocked for decoding, dense SDPA
+            on CUDA and CPU when it can compile, gather otherwise, decode for new tokens, dense SDPA
             when the policy keeps everything).
         query_block: Block size (tokens) of the attention path; ``None`` = the path's default
             (128 for blocked, 64 for gather and flex).

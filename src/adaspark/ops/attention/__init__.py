@@ -4,10 +4,13 @@ Backends (all exact: same mask as the reference, errors within 2× PyTorch's own
 
 * ``reference`` – materialises the token mask (tests, small inputs);
 * ``blocked`` – per query block of the original order, gathers the union of kept keys (per-token
-  selection only; the decoding path: one new token gathers only the kept cubes' K/V);
+  selection only);
+* ``decode`` – a few new tokens after a cache: per KV head, only the K/V of the cubes some head of
+  its group keeps are gathered; one SDPA call with the group's heads stacked;
 * ``gather`` – cube-major blocks, kept key blocks gathered per GQA group, one SDPA per block;
 * ``flex`` – compiled ``flex_attention`` with a ``BlockMask`` from the selection (prefill);
-* ``auto`` – dense SDPA when the policy keeps everything, ``blocked`` for new tokens after a cache,
+* ``auto`` – dense SDPA when the policy keeps everything, ``decode`` for up to 64 new tokens after a
+  cache (``blocked`` for more),
   ``flex`` for prefill from 4096 tokens on CUDA and on CPU (bfloat16, float32) when a C++ compiler
   is there, ``gather`` otherwise. (The gather loop was meant for float32 on CPU; measured against
   flex with 64-token blocks it lost in float32 too — see the README's benchmark section.)
@@ -19,6 +22,7 @@ import torch
 
 from adaspark.ops.attention.blocked import cube_sparse_attention_blocked
 from adaspark.ops.attention.common import SELECT_BLOCK, AttentionStats, check_attention_inputs
+from adaspark.ops.attention.decode import DECODE_MAX_QUERIES, cube_sparse_attention_decode
 from adaspark.ops.attention.dense import dense_causal_attention
 from adaspark.ops.attention.flex import cube_sparse_attention_flex, flex_available
 from adaspark.ops.attention.gather import cube_sparse_attention_gather
@@ -38,6 +42,7 @@ __all__ = [
     "AttentionStats",
     "cube_sparse_attention",
     "cube_sparse_attention_blocked",
+    "cube_sparse_attention_decode",
     "cube_sparse_attention_flex",
     "cube_sparse_attention_gather",
     "cube_sparse_attention_reference",
@@ -53,6 +58,7 @@ FLEX_MIN_TOKENS = 4096
 ATTENTION_BACKENDS = {
     "reference": cube_sparse_attention_reference,
     "blocked": cube_sparse_attention_blocked,
+    "decode": cube_sparse_attention_decode,
     "gather": cube_sparse_attention_gather,
     "flex": cube_sparse_attention_flex,
 }
@@ -67,6 +73,7 @@ def resolve_attention_backend(
     granularity: str = "token",
     video_queries: bool = True,
     num_tokens: int = FLEX_MIN_TOKENS,
+    num_queries: int = 1,
 ) -> str:
     """The concrete backend ``"auto"`` stands for on this device/dtype and call shape.
 
@@ -81,7 +88,9 @@ def resolve_attention_backend(
         return backend
     if not prefill:
         # new tokens after a cache: per-token selection, only the kept cubes' K/V are read
-        return "gather" if granularity == "cube" and video_queries else "blocked"
+        if granularity == "cube" and video_queries:
+            return "gather"
+        return "decode" if num_queries <= DECODE_MAX_QUERIES else "blocked"
     dev = torch.device(device)
     cpu_ok = dev.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
     if (dev.type == "cuda" or cpu_ok) and num_tokens >= FLEX_MIN_TOKENS and flex_available(dev):
@@ -153,6 +162,7 @@ def cube_sparse_attention(
         granularity=granularity,
         video_queries=video_queries,
         num_tokens=nk,
+        num_queries=nq,
     )
     pol = as_policy(p, policy)
     if backend == "auto" and pol.keeps_all:

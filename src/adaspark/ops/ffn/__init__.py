@@ -29,7 +29,7 @@ FFN_BACKENDS = {"reference": cube_sparse_ffn_reference, "gathered": cube_sparse_
 def resolve_ffn_backend(backend: str) -> str:
     """Map a config backend name (``auto``/``reference``/``blocked``/``gather``/``flex``/``gathered``)
     to an FFN path: every efficient attention backend pairs with the gathered FFN."""
-    if backend in ("auto", "blocked", "gather", "flex", "gathered"):
+    if backend in ("auto", "blocked", "decode", "gather", "flex", "gathered"):
         return "gathered"
     if backend == "reference":
         return "reference"

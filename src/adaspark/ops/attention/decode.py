@@ -1,0 +1,121 @@
+"""Decode AdaS-Attn: a few new tokens after a KV cache read only the K/V of the cubes they keep.
+
+Per query and head, the cubes are selected from the cached cube mean keys (the per-token selection
+of :mod:`adaspark.ops.attention.common`, bit-identical to the other paths). Then, per KV head, the
+keys some query head of its GQA group may attend — the non-video keys, the kept cubes, the queries'
+own cubes — are gathered (one index per KV head, padded to the longest), and one SDPA call runs with
+the group's query heads stacked along the query axis and a small ``[Hkv, G·Nq, M]`` additive mask
+for the per-head differences, padding and causality. Nothing of size ``Nk`` is computed per head
+beyond one boolean pass to find the kept positions. Layout: see :mod:`adaspark.ops.attention.common`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from adaspark.ops.attention.common import (
+    AttentionStats,
+    causal_valid_pairs,
+    check_attention_inputs,
+    select_range,
+)
+from adaspark.ops.attention.units import check_granularity
+from adaspark.ops.cubes import CubeIndex, build_cube_index, cube_mean_keys
+from adaspark.ops.selection import SelectionPolicy, as_policy
+
+__all__ = ["DECODE_MAX_QUERIES", "cube_sparse_attention_decode"]
+
+#: ``auto`` sends calls with at most this many new queries after a cache here
+DECODE_MAX_QUERIES = 64
+
+
+def cube_sparse_attention_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cube_ids: torch.Tensor,
+    p: float | SelectionPolicy = 0.9,
+    *,
+    policy: SelectionPolicy | None = None,
+    scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+    mean_keys: torch.Tensor | None = None,
+    index: CubeIndex | None = None,
+    stats: AttentionStats | None = None,
+    query_block: int = 128,
+    granularity: str = "token",
+) -> torch.Tensor:
+    """AdaS-Attn for a few queries (same signature as the reference; ``query_block`` is unused).
+
+    Selection is per token; ``granularity="cube"`` is accepted when no query is a video token
+    (generated tokens never are) and raises otherwise.
+    """
+    bsz, hq, hkv, nq, nk, d = check_attention_inputs(q, k, v, cube_ids, key_mask)
+    check_granularity(granularity)
+    q_offset = nk - nq
+    if granularity == "cube" and bool((cube_ids[:, q_offset:] >= 0).any()):
+        raise ValueError(
+            "the 'decode' backend selects per token; use 'gather' for video queries at cube granularity"
+        )
+    pol = as_policy(p, policy)
+    scale = d**-0.5 if scale is None else scale
+    own_means = mean_keys is None
+    if index is None:
+        index = build_cube_index(cube_ids)
+    if mean_keys is None:
+        mean_keys = cube_mean_keys(k, index)
+    km = torch.ones(bsz, nk, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
+    g = hq // hkv
+    c = index.max_cubes
+    neg = float("-inf")
+    out = torch.zeros_like(q)
+    kpos = torch.arange(nk, device=q.device)
+    qpos = kpos[q_offset:]
+    executed = 0
+    for b in range(bsz):
+        kc = cube_ids[b]
+        kcls = torch.where(kc >= 0, kc, torch.full_like(kc, c))
+        qv = km[b, q_offset:]
+        # allowed key classes per (head, query): kept cubes, own cube, non-video
+        table = torch.zeros(hq, nq, c + 1, dtype=torch.bool, device=q.device)
+        if c and nq:
+            table[..., :c] = select_range(
+                q[b], mean_keys[b], 0, nq, q_offset, kc, index, b, pol, scale, km[b], stats
+            )
+        qc = kc[q_offset:]
+        vq = (qc >= 0).nonzero().squeeze(1)
+        table[:, vq, qc[vq]] = True
+        table[..., c] = True
+        table &= qv[None, :, None]
+        # per KV head: positions some query head of the group may attend
+        grp = table.view(hkv, g * nq, c + 1).any(1)  # [Hkv, C+1]
+        last = int(qpos[qv].max()) if bool(qv.any()) else -1
+        ok = grp[:, kcls] & km[b][None] & (kpos <= last)[None]  # [Hkv, Nk]
+        cnt = ok.sum(1)
+        m = int(cnt.max())
+        if m == 0:
+            continue
+        order = torch.argsort(ok.to(torch.int8), dim=1, descending=True, stable=True)[:, :m]  # ascending pos
+        slot_ok = torch.arange(m, device=q.device)[None] < cnt[:, None]
+        flat = (order + torch.arange(hkv, device=q.device)[:, None] * nk).view(-1)
+        kg = k[b].reshape(hkv * nk, d).index_select(0, flat).view(hkv, m, d)
+        vg = v[b].reshape(hkv * nk, d).index_select(0, flat).view(hkv, m, d)
+        gpos = order  # [Hkv, M] positions
+        allowed = table.view(hkv, g * nq, c + 1).gather(2, kcls[gpos][:, None, :].expand(hkv, g * nq, m))
+        causal = gpos[:, None, :] <= qpos.repeat(g)[None, :, None]
+        allowed &= causal & slot_ok[:, None, :]
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, neg)
+        qg = q[b].reshape(1, hkv, g * nq, d)
+        o = F.scaled_dot_product_attention(qg, kg[None], vg[None], attn_mask=bias[None], scale=scale)
+        out[b] = o.view(hq, nq, d).masked_fill(~qv[None, :, None], 0)
+        executed += int(qv.sum()) * m * hq
+        if stats is not None:
+            stats.attended += allowed.view(hq, nq, m).sum(dim=(1, 2)).double()
+    if stats is not None:
+        stats.kv_heads = hkv
+        stats.queries += int(km[:, q_offset:].sum())
+        stats.causal_pairs += int(causal_valid_pairs(km, nq).sum())
+        stats.executed += executed
+        stats.mean_key_tokens += int((cube_ids >= 0).sum()) if own_means else 0
+    return out

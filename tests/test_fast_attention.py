@@ -257,3 +257,30 @@ def test_cuda_flex_equals_reference(gran):
     for be in ("flex", "gather", "auto"):
         out = cube_sparse_attention(q, k, v, ids, 0.6, key_mask=km, backend=be, granularity=gran)
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["gather", "auto"])
+def test_dense_fallback_runs_dense_attention_when_the_blocks_do_not_pay(backend, monkeypatch):
+    import adaspark.ops.attention as attn
+
+    monkeypatch.setattr(attn, "FLEX_MIN_TOKENS", 1)  # decide the fallback on this short input too
+    monkeypatch.setattr(attn, "flex_available", lambda dev: False)  # auto -> gather, no compile
+    q, k, v, ids, km = make_case(CASES[4])
+    dense = cube_sparse_attention_reference(q, k, v, ids, 1.0, key_mask=km)
+    exact = cube_sparse_attention_reference(q, k, v, ids, 0.5, key_mask=km, granularity="cube")
+    # a threshold every selection exceeds: dense attention, counted as dense, selection still recorded
+    st = AttentionStats(q.shape[1], q.shape[3])
+    out = cube_sparse_attention(
+        q, k, v, ids, 0.5, key_mask=km, backend=backend, granularity="cube", dense_fallback=1e-6, stats=st
+    )
+    torch.testing.assert_close(out, dense, atol=2e-6, rtol=1e-5)
+    assert st.dense_fallbacks == 1 and st.density == 1.0 and st.selections.sum() > 0
+    # no fallback: the exact AdaS-Attn result (on this short input the padded blocks exceed any threshold)
+    st = AttentionStats(q.shape[1], q.shape[3])
+    out = cube_sparse_attention(
+        q, k, v, ids, 0.5, key_mask=km, backend=backend, granularity="cube", dense_fallback=None, stats=st
+    )
+    assert st.dense_fallbacks == 0 and st.density < 1.0
+    torch.testing.assert_close(out, exact, atol=2e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="dense_fallback"):
+        cube_sparse_attention(q, k, v, ids, 0.5, backend=backend, dense_fallback=1.5)

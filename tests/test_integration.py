@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 import adaspark
 from adaspark import AdaSparkConfig, patch
 from adaspark.core.accounting import layer_flops
-from adaspark.integrations.transformers import qwen2_vl as q2
+from adaspark.integrations.transformers import patching as q2
 from adaspark.integrations.transformers.tiny import build_inputs, tiny_qwen2_5_vl, tiny_qwen2_vl
 from adaspark.ops import AttentionStats, reference_attention_mask
 from adaspark.ops.ffn import select_ffn_tokens_reference
@@ -177,7 +177,7 @@ def test_decoding_selects_like_a_full_prefill(model):
 @torch.inference_mode()
 def test_report_equals_brute_force_counts(model, inputs, monkeypatch):
     """Per-layer density and FLOPs equal counts made from the reference masks of the same inputs."""
-    cfg = AdaSparkConfig(p=0.6, cube=(2, 2, 2))
+    cfg = AdaSparkConfig(p=0.6, cube=(2, 2, 2), dense_fallback=None)
     seen_attn, seen_ffn = [], []
     real_attn, real_ffn = q2.cube_sparse_attention, q2.cube_sparse_ffn
 
@@ -202,7 +202,9 @@ def test_report_equals_brute_force_counts(model, inputs, monkeypatch):
     causal = torch.ones(nq, nq, dtype=torch.bool).tril()
     valid_pairs = int((causal[None] & km[:, None, :] & km[:, :, None]).sum())
     for i, ((q, k, ids, kw), (fids, scores, fpol)) in enumerate(zip(seen_attn, seen_ffn, strict=True)):
-        mask = reference_attention_mask(q, k, ids, policy=kw["policy"], scale=kw["scale"], key_mask=km)
+        mask = reference_attention_mask(
+            q, k, ids, policy=kw["policy"], scale=kw["scale"], key_mask=km, granularity=kw["granularity"]
+        )
         attended = mask.sum(dim=(0, 2, 3)).double()
         lr = rep.layers[i]
         assert lr.attn_density == pytest.approx(attended.sum().item() / (valid_pairs * q.shape[1]))
@@ -217,7 +219,14 @@ def test_report_equals_brute_force_counts(model, inputs, monkeypatch):
         st.mean_key_tokens = int(video.sum())
         keep_stats = AttentionStats(q.shape[1], q.shape[3])
         reference_attention_mask(
-            q, k, ids, policy=kw["policy"], scale=kw["scale"], key_mask=km, stats=keep_stats
+            q,
+            k,
+            ids,
+            policy=kw["policy"],
+            scale=kw["scale"],
+            key_mask=km,
+            stats=keep_stats,
+            granularity=kw["granularity"],
         )
         st.selections, st.candidates_sum = keep_stats.selections, keep_stats.candidates_sum
         ffn_st = q2.FFNStats(
@@ -256,13 +265,23 @@ def test_dense_layers_and_module_switches(model, inputs):
 
 
 @torch.inference_mode()
-def test_reference_backend_matches_blocked_in_the_model(model, inputs):
+@pytest.mark.parametrize(
+    "granularity, backends",
+    [("token", ("reference", "blocked", "gather")), ("cube", ("reference", "gather", "flex"))],
+)
+def test_reference_backend_matches_fast_paths_in_the_model(model, inputs, granularity, backends):
+    from adaspark.ops.attention.flex import flex_available
+
     valid = _valid(inputs)
     outs = []
-    for backend in ("reference", "blocked"):
-        with patch(model, AdaSparkConfig(p=0.5, cube=(2, 2, 2), backend=backend)):
+    for backend in backends:
+        if backend == "flex" and not flex_available("cpu"):
+            continue
+        cfg = AdaSparkConfig(p=0.5, cube=(2, 2, 2), backend=backend, granularity=granularity)
+        with patch(model, cfg):
             outs.append(model(**inputs).logits[valid])
-    torch.testing.assert_close(outs[0], outs[1], atol=3e-5, rtol=1e-4)
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], atol=3e-5, rtol=1e-4)
 
 
 @torch.inference_mode()

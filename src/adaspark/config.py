@@ -78,6 +78,13 @@ class AdaSparkConfig:
             ``"auto"`` (picks the efficient path for the device, dtype and call: flex for prefill
             on CUDA and CPU when it can compile, gather otherwise, decode for new tokens, dense SDPA
             when the policy keeps everything).
+        dense_fallback: When the block kernels (``gather``/``flex``, chosen by ``backend="auto"`` or
+            by name) would compute more than this fraction of a layer's causal (query, key) pairs,
+            the layer runs dense attention instead: the sparse kernel would not pay (measured on
+            CPU: flex runs at ~0.5× SDPA's speed per computed pair). The output is then dense
+            attention (a superset of AdaS-Attn's keys) and is reported as such. Applies to
+            prefills of at least 4096 tokens (shorter ones always run the exact sparse path).
+            ``None`` keeps the exact AdaS-Attn semantics always.
         query_block: Block size (tokens) of the attention path; ``None`` = the path's default
             (128 for blocked, 64 for gather and flex).
     """
@@ -99,6 +106,7 @@ class AdaSparkConfig:
     images_as_video: bool = False
     granularity: Granularity = "cube"
     backend: Backend = "auto"
+    dense_fallback: float | None = 0.5
     query_block: int | None = None
 
     def __post_init__(self) -> None:
@@ -149,6 +157,7 @@ class AdaSparkConfig:
             raise ValueError(
                 f"AdaSparkConfig.granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
             )
+        _check_fraction("dense_fallback", self.dense_fallback, allow_none=True)
         if self.query_block is not None and (not _is_int(self.query_block) or self.query_block < 1):
             raise ValueError(
                 f"AdaSparkConfig.query_block must be None or an integer >= 1, got {self.query_block!r}"

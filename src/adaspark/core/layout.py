@@ -60,6 +60,8 @@ class Layout:
     @property
     def num_cubes(self) -> torch.Tensor:
         """``[B]`` cubes per sample."""
+        if self.cube_ids.shape[1] == 0:  # an empty sequence has no cube (max() of nothing raises)
+            return self.cube_ids.new_zeros(self.cube_ids.shape[0])
         return (self.cube_ids.max(dim=1).values + 1).clamp_min(0)
 
     @property

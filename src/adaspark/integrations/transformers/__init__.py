@@ -1,6 +1,16 @@
-"""AdaSpark inside Hugging Face transformers (Qwen2.5-VL, Qwen2-VL)."""
+"""AdaSpark inside Hugging Face transformers (Qwen2.5-VL, Qwen2-VL, Qwen3-VL, LLaVA-OneVision)."""
 
+from adaspark.integrations.transformers.adapters import SUPPORTED_MODEL_TYPES, get_adapter, supported_models
 from adaspark.integrations.transformers.attention import ATTN_NAME, PaddingMask, register
-from adaspark.integrations.transformers.qwen2_vl import SUPPORTED_MODEL_TYPES, AdaSparkHandle, patch
+from adaspark.integrations.transformers.patching import AdaSparkHandle, patch
 
-__all__ = ["ATTN_NAME", "SUPPORTED_MODEL_TYPES", "AdaSparkHandle", "PaddingMask", "patch", "register"]
+__all__ = [
+    "ATTN_NAME",
+    "SUPPORTED_MODEL_TYPES",
+    "AdaSparkHandle",
+    "PaddingMask",
+    "get_adapter",
+    "patch",
+    "register",
+    "supported_models",
+]

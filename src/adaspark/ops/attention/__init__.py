@@ -24,8 +24,13 @@ from adaspark.ops.attention.blocked import cube_sparse_attention_blocked
 from adaspark.ops.attention.common import SELECT_BLOCK, AttentionStats, check_attention_inputs
 from adaspark.ops.attention.decode import DECODE_MAX_QUERIES, cube_sparse_attention_decode
 from adaspark.ops.attention.dense import dense_causal_attention
-from adaspark.ops.attention.flex import cube_sparse_attention_flex, flex_available
-from adaspark.ops.attention.gather import cube_sparse_attention_gather
+from adaspark.ops.attention.flex import FLEX_BLOCK, cube_sparse_attention_flex, flex_available, flex_kernel
+from adaspark.ops.attention.gather import (
+    GATHER_BLOCK,
+    cube_sparse_attention_gather,
+    gather_kernel,
+    prepare_blocks,
+)
 from adaspark.ops.attention.reference import (
     cube_sparse_attention_reference,
     reference_attention_mask,
@@ -114,6 +119,7 @@ def cube_sparse_attention(
     stats: AttentionStats | None = None,
     query_block: int | None = None,
     granularity: str = "token",
+    dense_fallback: float | None = None,
 ) -> torch.Tensor:
     """Adaptive cube-selective causal attention (AdaS-Attn).
 
@@ -139,6 +145,13 @@ def cube_sparse_attention(
         query_block: Block size of the chosen path (``None``: its default — 128 for ``blocked``,
             64 (one 4×4×4 cube) for ``gather`` and ``flex``).
         granularity: ``"token"`` (SPEC.md's reference semantics) or ``"cube"``.
+        dense_fallback: With the block paths (``gather``/``flex``, also when ``auto`` picks them):
+            if the kept blocks make up more than this fraction of the causal (query, key) pairs,
+            run dense causal attention instead (the sparse kernel would not pay). Decided only from
+            :data:`FLEX_MIN_TOKENS` keys on (shorter inputs always run the exact sparse path). The
+            result is then dense attention — a superset of what AdaS-Attn attends, recorded as density 1 in
+            ``stats`` (``stats.dense_fallbacks`` counts such calls). ``None`` (default) never falls
+            back, so the output always follows the AdaS-Attn semantics exactly.
 
     Returns:
         ``[B, Hq, Nq, D]`` in the dtype of ``q``.
@@ -170,6 +183,27 @@ def cube_sparse_attention(
         return dense_causal_attention(q, k, v, scale=scale, key_mask=key_mask, stats=stats)
     if name == "flex" and nq != nk:
         raise ValueError(f"the 'flex' backend runs prefill only (Nq == Nk), got Nq={nq}, Nk={nk}")
+    if dense_fallback is not None and name in ("gather", "flex") and nk >= FLEX_MIN_TOKENS:
+        if not (0.0 < dense_fallback <= 1.0):
+            raise ValueError(f"dense_fallback must be None or in (0, 1], got {dense_fallback!r}")
+        check_attention_inputs(q, k, v, cube_ids, key_mask)
+        d = q.shape[-1]
+        sc = d**-0.5 if scale is None else scale
+        block = query_block or (GATHER_BLOCK if name == "gather" else FLEX_BLOCK)
+        tmp = AttentionStats(q.shape[1], d)
+        sel, pat, _km, _ix = prepare_blocks(
+            q, k, cube_ids, pol, sc, key_mask, mean_keys, index, granularity, tmp, block
+        )
+        if pat.executed > dense_fallback * tmp.causal_pairs * q.shape[1]:
+            out = dense_causal_attention(q, k, v, scale=scale, key_mask=key_mask, stats=stats)
+            if stats is not None:
+                tmp.dense_fallbacks += 1
+                stats.merge(tmp, selection_only=True)
+            return out
+        if stats is not None:
+            stats.merge(tmp)
+        kernel = flex_kernel if name == "flex" else gather_kernel
+        return kernel(q, k, v, sel, pat, sc, stats)
     kwargs = {} if query_block is None else {"query_block": query_block}
     return ATTENTION_BACKENDS[name](
         q,

@@ -41,6 +41,8 @@ class AttentionStats:
         candidates_sum: ``[Hq]`` sum of the number of candidate cubes.
         mean_key_tokens: key tokens averaged into cube mean keys (per kv head).
         kv_heads: ``Hkv``.
+        dense_fallbacks: calls that ran dense attention because the kept blocks were too many to pay
+            (``dense_fallback`` of :func:`adaspark.ops.cube_sparse_attention`).
     """
 
     num_heads: int
@@ -50,6 +52,7 @@ class AttentionStats:
     causal_pairs: int = 0
     executed: int = 0
     mean_key_tokens: int = 0
+    dense_fallbacks: int = 0
     attended: torch.Tensor = field(default=None)  # type: ignore[assignment]
     selections: torch.Tensor = field(default=None)  # type: ignore[assignment]
     entropy_sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
@@ -60,6 +63,22 @@ class AttentionStats:
         for name in ("attended", "selections", "entropy_sum", "kept_sum", "candidates_sum"):
             if getattr(self, name) is None:
                 setattr(self, name, torch.zeros(self.num_heads, dtype=torch.float64))
+
+    def merge(self, other: AttentionStats, *, selection_only: bool = False) -> None:
+        """Add ``other``'s counters (``selection_only``: only what the cube selection recorded)."""
+        self.selections += other.selections
+        self.entropy_sum += other.entropy_sum
+        self.kept_sum += other.kept_sum
+        self.candidates_sum += other.candidates_sum
+        self.mean_key_tokens += other.mean_key_tokens
+        self.dense_fallbacks += other.dense_fallbacks
+        if selection_only:
+            return
+        self.kv_heads = other.kv_heads or self.kv_heads
+        self.queries += other.queries
+        self.causal_pairs += other.causal_pairs
+        self.executed += other.executed
+        self.attended += other.attended
 
     @property
     def density(self) -> float:

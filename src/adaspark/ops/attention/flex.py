@@ -21,13 +21,14 @@ import math
 
 import torch
 
+from adaspark.ops.attention.blocks import BlockPattern
 from adaspark.ops.attention.common import AttentionStats, check_attention_inputs
 from adaspark.ops.attention.gather import prepare_blocks
-from adaspark.ops.attention.units import check_granularity
+from adaspark.ops.attention.units import Selection, check_granularity
 from adaspark.ops.cubes import CubeIndex
 from adaspark.ops.selection import SelectionPolicy, as_policy
 
-__all__ = ["FLEX_BLOCK", "bucket_length", "cube_sparse_attention_flex", "flex_available"]
+__all__ = ["FLEX_BLOCK", "bucket_length", "cube_sparse_attention_flex", "flex_available", "flex_kernel"]
 
 #: default block size of the flex path: one 4×4×4 cube (measured on CPU at 8k tokens, density 0.14:
 #: 64-token blocks 3.5 s, 128-token blocks 10.3 s — two cubes per block share their kept sets)
@@ -113,9 +114,7 @@ def cube_sparse_attention_flex(
     ``query_block`` is the block size of the ``BlockMask`` (default 128). Needs ``Nq == Nk``
     (prefill); the dispatcher sends decoding elsewhere.
     """
-    from torch.nn.attention.flex_attention import BlockMask
-
-    bsz, hq, hkv, nq, nk, d = check_attention_inputs(q, k, v, cube_ids, key_mask)
+    _bsz, _hq, _hkv, nq, nk, d = check_attention_inputs(q, k, v, cube_ids, key_mask)
     if nq != nk:
         raise ValueError(f"the flex path needs Nq == Nk (prefill), got Nq={nq}, Nk={nk}")
     check_granularity(granularity)
@@ -125,6 +124,24 @@ def cube_sparse_attention_flex(
     sel, pat, _km, _index = prepare_blocks(
         q, k, cube_ids, pol, scale, key_mask, mean_keys, index, granularity, stats, block
     )
+    return flex_kernel(q, k, v, sel, pat, scale, stats)
+
+
+def flex_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sel: Selection,
+    pat: BlockPattern,
+    scale: float,
+    stats: AttentionStats | None = None,
+) -> torch.Tensor:
+    """Compiled flex_attention for a prepared selection and block pattern (prefill, ``Nq == Nk``)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    bsz, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    block = pat.block
     n = bucket_length(nk, block)
     nb = n // block
     kept = _pad_to(_pad_to(pat.kept, nb, 2, False), nb, 3, False)

@@ -28,7 +28,13 @@ from adaspark.ops.attention.units import Selection, attended_pairs, check_granul
 from adaspark.ops.cubes import CubeIndex, build_cube_index, cube_mean_keys
 from adaspark.ops.selection import SelectionPolicy, as_policy
 
-__all__ = ["DENSE_PREFIX_FRACTION", "GATHER_BLOCK", "cube_sparse_attention_gather", "prepare_blocks"]
+__all__ = [
+    "DENSE_PREFIX_FRACTION",
+    "GATHER_BLOCK",
+    "cube_sparse_attention_gather",
+    "gather_kernel",
+    "prepare_blocks",
+]
 
 #: default block size (tokens) of the block paths: one 4×4×4 cube
 GATHER_BLOCK = 64
@@ -90,8 +96,9 @@ def cube_sparse_attention_gather(
 
     ``query_block`` is the block size in tokens (queries and keys), default one 4×4×4 cube.
     """
-    bsz, hq, hkv, nq, _nk, d = check_attention_inputs(q, k, v, cube_ids, key_mask)
+    check_attention_inputs(q, k, v, cube_ids, key_mask)
     check_granularity(granularity)
+    d = q.shape[-1]
     pol = as_policy(p, policy)
     scale = d**-0.5 if scale is None else scale
     block = int(query_block)
@@ -100,6 +107,22 @@ def cube_sparse_attention_gather(
     sel, pat, _km, _index = prepare_blocks(
         q, k, cube_ids, pol, scale, key_mask, mean_keys, index, granularity, stats, block
     )
+    return gather_kernel(q, k, v, sel, pat, scale, stats)
+
+
+def gather_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sel: Selection,
+    pat: BlockPattern,
+    scale: float,
+    stats: AttentionStats | None = None,
+) -> torch.Tensor:
+    """The gather loop for a prepared selection and block pattern (adds ``executed`` to ``stats``)."""
+    bsz, hq, nq, d = q.shape
+    hkv = k.shape[1]
+    block = pat.block
     g = hq // hkv
     sq, sk = pat.q_pos.shape[1], pat.k_pos.shape[1]
     n_qb, n_kb = sq // block, sk // block

@@ -1,22 +1,22 @@
-"""AdaSpark for Hugging Face Qwen2-VL and Qwen2.5-VL (transformers 5.x).
+"""The AdaSpark mechanism inside Hugging Face transformers, shared by every supported family.
 
 What :func:`patch` changes, all per instance and undone by ``handle.remove()``:
 
 * the text config's attention implementation becomes ``"adaspark"`` (registered in
   ``AttentionInterface`` and ``AttentionMaskInterface``); each decoder attention module is routed
   to this model's state;
-* ``get_rope_index`` of the VL model is wrapped to capture the video layout where the M-RoPE index
-  is computed (this also works inside ``generate``, which drops ``video_grid_thw`` later on);
+* the family's adapter (``adaspark.integrations.transformers.adapters``) hooks the place where the
+  video layout can be read (Qwen-VL: the M-RoPE index, ``get_rope_index``; LLaVA-OneVision: the
+  backbone's inputs) — this also works inside ``generate``, which drops the video inputs later on;
 * each sparse layer's MLP gets an instance-level ``forward`` running AdaS-FFN, and a pre-hook on
   its ``post_attention_layernorm`` captures the residual stream that ranks the tokens;
-* hooks count the vision encoder's FLOPs (``FlopCounterMode``) and the LM head's.
+* hooks count the vision modules' FLOPs (``FlopCounterMode``) and the LM head's.
 
 No parameter, buffer or state-dict key is touched.
 """
 
 from __future__ import annotations
 
-import inspect
 import weakref
 from dataclasses import dataclass
 from functools import partial
@@ -26,35 +26,26 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from adaspark.config import AdaSparkConfig
 from adaspark.core.accounting import LayerDims, LayerReport, Report, layer_flops
-from adaspark.core.layout import Layout, build_layout, token_types_from_ids
+from adaspark.core.layout import Layout
 from adaspark.integrations.transformers import attention as attn_backend
+from adaspark.integrations.transformers.adapters import (
+    SUPPORTED_MODEL_TYPES,
+    ModelAdapter,
+    ModelParts,
+    get_adapter,
+)
+from adaspark.integrations.transformers.adapters.base import set_instance_attr
 from adaspark.ops.attention import AttentionStats, cube_sparse_attention, dense_causal_attention
 from adaspark.ops.cubes import CubeIndex, build_cube_index, cube_mean_keys
 from adaspark.ops.ffn import FFNStats, cube_sparse_ffn, token_scores
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "AdaSparkHandle", "patch"]
 
-SUPPORTED_MODEL_TYPES = {"qwen2_5_vl": "Qwen2.5-VL", "qwen2_vl": "Qwen2-VL"}
-
 #: model -> live handle (so that patching twice replaces the first patch)
 _PATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-#: vision encoder -> {(input shape, dtype, grids): FLOPs} measured once with FlopCounterMode
+#: vision module -> {call key: FLOPs} measured once with FlopCounterMode
 _VISION_FLOPS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-@dataclass
-class _Parts:
-    model: torch.nn.Module
-    vl: torch.nn.Module
-    language_model: torch.nn.Module
-    layers: list
-    visual: torch.nn.Module | None
-    lm_head: torch.nn.Module | None
-    text_config: object
-    merge: int
-    video_token_id: int
-    image_token_id: int
 
 
 @dataclass
@@ -66,43 +57,6 @@ class _Sequence:
     cube_ids: torch.Tensor
     index: CubeIndex
     mean_keys: dict
-
-
-def _supported_list() -> str:
-    return ", ".join(f"{v} (model_type {k!r})" for k, v in SUPPORTED_MODEL_TYPES.items())
-
-
-def find_parts(model: torch.nn.Module) -> _Parts:
-    """Locate the pieces AdaSpark hooks into, or raise ``ValueError`` for an unsupported model."""
-    cfg = getattr(model, "config", None)
-    mt = getattr(cfg, "model_type", None)
-    if not isinstance(model, torch.nn.Module) or mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"AdaSpark does not support {type(model).__name__} (model_type {mt!r}). "
-            f"Supported models: {_supported_list()}."
-        )
-    vl = model
-    if not hasattr(vl, "get_rope_index") and hasattr(model, "model"):
-        vl = model.model
-    lm = getattr(vl, "language_model", None)
-    if not hasattr(vl, "get_rope_index") or lm is None or not hasattr(lm, "layers"):
-        raise ValueError(
-            f"{type(model).__name__} does not have the Qwen-VL structure AdaSpark expects "
-            "(get_rope_index, language_model.layers); is this transformers >= 5?"
-        )
-    vcfg = getattr(cfg, "vision_config", None)
-    return _Parts(
-        model=model,
-        vl=vl,
-        language_model=lm,
-        layers=list(lm.layers),
-        visual=getattr(vl, "visual", None),
-        lm_head=getattr(model, "lm_head", None),
-        text_config=lm.config,
-        merge=int(getattr(vcfg, "spatial_merge_size", 2)),
-        video_token_id=int(cfg.video_token_id),
-        image_token_id=int(cfg.image_token_id),
-    )
 
 
 def _past_length(past_key_values) -> int:
@@ -117,9 +71,10 @@ def _past_length(past_key_values) -> int:
 class _State:
     """Per-model AdaSpark state: current layout, cached cube mean keys, counters."""
 
-    def __init__(self, config: AdaSparkConfig, parts: _Parts) -> None:
+    def __init__(self, config: AdaSparkConfig, parts: ModelParts, adapter: ModelAdapter) -> None:
         self.config = config
         self.parts = parts
+        self.adapter = adapter
         tc = parts.text_config
         n_layers = len(parts.layers)
         self.num_layers = n_layers
@@ -142,10 +97,12 @@ class _State:
         self.residual: dict[int, torch.Tensor] = {}
         self.offset = 0
         self.in_generate = False
+        #: the running ``generate`` call prefills in chunks (``prefill_chunk_size``)
+        self.chunked_prefill = False
         self._fwd_ids: torch.Tensor | None = None
         self._expect_video = False
-        self._flop_mode: FlopCounterMode | None = None
-        self._vision_call: tuple | None = None
+        #: vision module -> (its FlopCounterMode or None, its call key) while it runs
+        self._vision_calls: dict[int, tuple[FlopCounterMode | None, tuple | None]] = {}
         self.reset_stats()
 
     # ---------------------------------------------------------------- counters
@@ -162,36 +119,16 @@ class _State:
         return self.config.sparse_ffn and i not in self.dense_layers
 
     # ---------------------------------------------------------------- layout
-    def capture_rope_call(self, original, *args, **kwargs):
-        """Wrapper body of ``get_rope_index``: the cube layout, then the positions.
+    def set_pending(self, input_ids: torch.Tensor, layout: Layout) -> None:
+        """Called by the adapter's layout capture: the layout of the prefill ``input_ids`` to come."""
+        self.pending = (input_ids, layout)
 
-        The layout is built (and checked) first, so that a grid / token-count mismatch gets our
-        clear error instead of a shape error from inside the M-RoPE computation.
-        """
-        bound = inspect.signature(original).bind_partial(*args, **kwargs).arguments
-        input_ids = bound.get("input_ids")
-        if input_ids is not None:
-            types = bound.get("mm_token_type_ids")
-            p = self.parts
-            if types is None:
-                types = token_types_from_ids(
-                    input_ids, image_token_id=p.image_token_id, video_token_id=p.video_token_id
-                )
-            layout = build_layout(
-                types,
-                bound.get("video_grid_thw"),
-                cube=self.config.cube,
-                spatial_merge_size=p.merge,
-                attention_mask=bound.get("attention_mask"),
-                image_grid_thw=bound.get("image_grid_thw"),
-                images_as_video=self.config.images_as_video,
-            )
-            self.pending = (input_ids, layout)
-        return original(*args, **kwargs)
-
-    def on_generate(self) -> None:
+    def on_generate(self, kwargs: dict) -> None:
         """Start of a ``generate`` call: one report covers it (prefill and every decode step)."""
         self.reset_stats()
+        gc = kwargs.get("generation_config") or getattr(self.parts.model, "generation_config", None)
+        chunk = kwargs.get("prefill_chunk_size", getattr(gc, "prefill_chunk_size", None))
+        self.chunked_prefill = chunk is not None
 
     def on_vl_forward(self, module, args, kwargs) -> None:
         past = _past_length(kwargs.get("past_key_values"))
@@ -273,9 +210,8 @@ class _State:
                 )
             raise ValueError(
                 "AdaSpark could not capture the video layout of this input: the sequence holds video "
-                "tokens but the model did not compute its M-RoPE index from them. Pass "
-                "`mm_token_type_ids` and `video_grid_thw` as the Qwen processor returns them (without "
-                "mm_token_type_ids the M-RoPE positions are wrong too)."
+                f"tokens but the {self.adapter.name} model did not receive what describes them. "
+                f"{self.adapter.layout_hint}"
             )
         self.pending = None
         cube_ids = (
@@ -341,6 +277,8 @@ class _State:
             index=seq.index,
             stats=st,
             query_block=cfg.query_block,
+            granularity=cfg.granularity,
+            dense_fallback=cfg.dense_fallback,
         )
 
     def ffn(self, li: int, dense_forward, h: torch.Tensor) -> torch.Tensor:
@@ -370,34 +308,27 @@ class _State:
         )
 
     # ---------------------------------------------------------------- FLOPs of the rest
-    @staticmethod
-    def _vision_key(args, kwargs) -> tuple | None:
-        """Cache key of one vision-encoder call: its FLOPs depend only on the grids and dtype."""
-        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("pixel_values"))
-        grid = args[1] if len(args) > 1 else kwargs.get("grid_thw")
-        if not isinstance(x, torch.Tensor) or not isinstance(grid, torch.Tensor):
-            return None
-        return (tuple(x.shape), x.dtype, tuple(grid.reshape(-1).tolist()))
-
     def vision_pre(self, module, args, kwargs) -> None:
-        key = self._vision_key(args, kwargs)
-        self._vision_call = key
+        key = self.adapter.vision_key(module, args, kwargs)
+        mode = None
         if key is None or key not in _VISION_FLOPS_CACHE.get(module, {}):
-            # count once per grid layout (FlopCounterMode adds dispatch overhead to every op)
-            self._flop_mode = FlopCounterMode(display=False)
-            self._flop_mode.__enter__()
+            # count once per call key (FlopCounterMode adds dispatch overhead to every op)
+            mode = FlopCounterMode(display=False)
+            mode.__enter__()
+        self._vision_calls[id(module)] = (mode, key)
 
     def vision_post(self, module, args, kwargs, output) -> None:
-        mode, self._flop_mode = self._flop_mode, None
-        key, self._vision_call = self._vision_call, None
+        mode, key = self._vision_calls.pop(id(module), (None, None))
         cache = _VISION_FLOPS_CACHE.setdefault(module, {})
         if mode is not None:
             mode.__exit__(None, None, None)
             flops = float(mode.get_total_flops())
             if key is not None:
                 cache[key] = flops
-        else:
+        elif key in cache:
             flops = cache[key]
+        else:
+            return  # the pre-hook did not run for this call
         self.vision_flops += flops
 
     def lm_head_post(self, module, args, output) -> None:
@@ -510,29 +441,18 @@ class AdaSparkHandle:
         return f"AdaSparkHandle({status}, {self.config!r})"
 
 
-def _set_instance_attr(obj, name: str, value, undo: list) -> None:
-    had = name in obj.__dict__
-    old = obj.__dict__.get(name)
-    object.__setattr__(obj, name, value)
-
-    def restore() -> None:
-        if had:
-            object.__setattr__(obj, name, old)
-        else:
-            obj.__dict__.pop(name, None)
-
-    undo.append(restore)
-
-
 def patch(model: torch.nn.Module, config: AdaSparkConfig | None = None) -> AdaSparkHandle:
-    """Switch AdaSpark on for a Qwen2.5-VL / Qwen2-VL model (prefill and decoding).
+    """Switch AdaSpark on for a supported Video-LLM (prefill and decoding).
 
     Patching an already patched model first removes the earlier patch, so the result is always
     that of one patch with ``config``.
 
     Args:
-        model: ``Qwen2_5_VLForConditionalGeneration``, ``Qwen2VLForConditionalGeneration`` or their
-            ``*Model`` backbones from transformers 5.x.
+        model: a transformers 5.x model of a supported family —
+            ``Qwen2_5_VLForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``,
+            ``Qwen3VLForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration`` or their
+            ``*Model`` backbones (``adaspark.integrations.transformers.adapters.ADAPTERS``). Any other
+            model raises ``ValueError`` listing the supported ones.
         config: settings (default :class:`~adaspark.config.AdaSparkConfig()`).
 
     Returns:
@@ -542,7 +462,9 @@ def patch(model: torch.nn.Module, config: AdaSparkConfig | None = None) -> AdaSp
         config = AdaSparkConfig()
     if not isinstance(config, AdaSparkConfig):
         raise ValueError(f"config must be an AdaSparkConfig, got {type(config).__name__}")
-    parts = find_parts(model)
+    adapter = get_adapter(model)
+    parts = adapter.find_parts(model)
+    adapter.check(config, parts)
     n_layers = len(parts.layers)
     bad = [i for i in config.dense_layers if not -n_layers <= i < n_layers]
     if bad:
@@ -551,7 +473,7 @@ def patch(model: torch.nn.Module, config: AdaSparkConfig | None = None) -> AdaSp
     if old is not None:
         old.remove()
     attn_backend.register()
-    state = _State(config, parts)
+    state = _State(config, parts, adapter)
     undo: list = []
 
     tc = parts.text_config
@@ -559,19 +481,15 @@ def patch(model: torch.nn.Module, config: AdaSparkConfig | None = None) -> AdaSp
     tc._attn_implementation = attn_backend.ATTN_NAME
     undo.append(lambda: setattr(tc, "_attn_implementation", prev_impl))
 
-    original_rope = parts.vl.get_rope_index
-    _set_instance_attr(parts.vl, "get_rope_index", partial(state.capture_rope_call, original_rope), undo)
-
     hooks = [
         parts.vl.register_forward_pre_hook(state.on_vl_forward, with_kwargs=True),
         parts.language_model.register_forward_pre_hook(state.on_lm_forward, with_kwargs=True),
         parts.language_model.register_forward_hook(state.on_lm_output, with_kwargs=True),
     ]
-    if parts.visual is not None:
-        hooks.append(parts.visual.register_forward_pre_hook(state.vision_pre, with_kwargs=True))
-        hooks.append(
-            parts.visual.register_forward_hook(state.vision_post, with_kwargs=True, always_call=True)
-        )
+    adapter.install(state, parts, undo, hooks)
+    for module in parts.vision:
+        hooks.append(module.register_forward_pre_hook(state.vision_pre, with_kwargs=True))
+        hooks.append(module.register_forward_hook(state.vision_post, with_kwargs=True, always_call=True))
     if isinstance(parts.lm_head, torch.nn.Linear):
         hooks.append(parts.lm_head.register_forward_hook(state.lm_head_post))
 
@@ -580,14 +498,15 @@ def patch(model: torch.nn.Module, config: AdaSparkConfig | None = None) -> AdaSp
         original_generate = gen
 
         def generate(*args, **kwargs):
-            state.on_generate()
+            state.on_generate(kwargs)
             state.in_generate = True
             try:
                 return original_generate(*args, **kwargs)
             finally:
                 state.in_generate = False
+                state.chunked_prefill = False
 
-        _set_instance_attr(model, "generate", generate, undo)
+        set_instance_attr(model, "generate", generate, undo)
 
     for i, layer in enumerate(parts.layers):
         attn = layer.self_attn
@@ -602,7 +521,7 @@ def patch(model: torch.nn.Module, config: AdaSparkConfig | None = None) -> AdaSp
 
         hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(keep_residual))
         dense_forward = mlp.__dict__.get("forward", partial(type(mlp).forward, mlp))
-        _set_instance_attr(mlp, "forward", _SparseMLPForward(state, i, dense_forward), undo)
+        set_instance_attr(mlp, "forward", _SparseMLPForward(state, i, dense_forward), undo)
     undo.extend(h.remove for h in hooks)
     handle = AdaSparkHandle(state, undo)
     _PATCHED[model] = handle

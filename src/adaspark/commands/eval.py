@@ -1,0 +1,285 @@
+"""``adaspark eval``: the needle benchmark for the dense model and a sweep of AdaSpark variants.
+
+Variants (:func:`adaspark.bench.evaluate.standard_variants`): dense; Top-p at every ``--ps`` value;
+the fixed ``top_k`` and ``ratio`` policies at (approximately) the FLOPs of Top-p at the same p (the
+``p²`` prior, or measured with ``--calibrate``); Top-p without mean compensation. Items come from
+the generator (``--split``, ``--lengths``, ``--n``) or from a stored split (``--data DIR``).
+
+Results go to ``--out``: ``results.jsonl`` (one line per item and variant, written as it comes),
+``summary.csv``, ``summary.md`` and ``accuracy_vs_flops.png`` (:func:`adaspark.bench.evaluate.run_eval`)
+and ``eval_config.json``. A killed run resumes where it stopped when the same command is run again.
+
+Exit codes: 0 success, 2 bad input (one line on stderr), 130 interrupted (results so far are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from adaspark import __version__
+
+__all__ = ["DEFAULT_LENGTHS", "DEFAULT_PS", "add_parser", "make_answer_fn", "run"]
+
+DEFAULT_LENGTHS = (64, 256, 1024)
+DEFAULT_PS = (0.9, 0.7, 0.5, 0.3)
+_TASKS = ("retrieval", "ordering", "counting")
+_FAMILIES = ("top_p", "top_k", "ratio", "no_comp")
+
+
+class UsageError(ValueError):
+    """Bad command-line input found after parsing (exit code 2)."""
+
+
+def _error(message: object) -> int:
+    print(f"adaspark: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------- parser
+def add_parser(commands) -> argparse.ArgumentParser:
+    """Register ``eval`` on the ``adaspark`` sub-command parser."""
+    from adaspark.config import BACKENDS
+
+    parser = commands.add_parser(
+        "eval",
+        help="run the needle benchmark dense and for a sweep of AdaSpark variants (JSONL, CSV, "
+        "Markdown, PNG; resumable)",
+        description=(
+            "Answer the needle-in-a-video-haystack benchmark with the shipped model (or --model), dense, "
+            "with Top-p at every --ps value, with the top_k and ratio policies at matched FLOPs and "
+            "without mean compensation. Writes results.jsonl as it goes (a killed run resumes when the "
+            "same command is run again), then summary.csv, summary.md and accuracy_vs_flops.png."
+        ),
+    )
+    parser.add_argument("--split", choices=("test", "val", "train"), default="test", help="(default test)")
+    parser.add_argument(
+        "--lengths",
+        type=_positive_int,
+        nargs="+",
+        default=list(DEFAULT_LENGTHS),
+        metavar="FRAMES",
+        help=f"video lengths in frames (default {' '.join(map(str, DEFAULT_LENGTHS))})",
+    )
+    parser.add_argument(
+        "--n", type=_positive_int, default=4, help="items per (length, task) cell (default %(default)s)"
+    )
+    parser.add_argument(
+        "--tasks", choices=_TASKS, nargs="+", default=list(_TASKS), help="(default: all three)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="first item seed of the split (default 0)")
+    parser.add_argument(
+        "--data",
+        metavar="DIR",
+        help="a stored split (write_split: questions.jsonl + videos) instead of generating",
+    )
+    parser.add_argument(
+        "--ps",
+        type=_fraction,
+        nargs="+",
+        default=list(DEFAULT_PS),
+        metavar="P",
+        help=f"Top-p values of the sweep (default {' '.join(map(str, DEFAULT_PS))})",
+    )
+    parser.add_argument(
+        "--families",
+        choices=_FAMILIES,
+        nargs="+",
+        default=list(_FAMILIES),
+        help="variant families besides dense (default: all: top_p top_k ratio no_comp)",
+    )
+    parser.add_argument(
+        "--calibrate",
+        type=int,
+        default=0,
+        metavar="K",
+        help="match the top_k / ratio budgets to Top-p's measured FLOPs on K items of the longest length "
+        "(default 0: the p^2 prior)",
+    )
+    parser.add_argument("--model", metavar="PATH", help="checkpoint directory (default: the shipped model)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="AdaSpark kernels (default auto)")
+    parser.add_argument(
+        "--cube", type=int, nargs=3, metavar=("T", "H", "W"), default=None, help="cube size (default 4 4 4)"
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", default="adaspark-eval", help="output directory (default %(default)s)"
+    )
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.set_defaults(handler=run)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------- answers
+def make_answer_fn(model, tokenizer, settings=None, data_dir=None):
+    """An ``AnswerFn`` for :func:`adaspark.bench.evaluate.run_eval` that keeps the current item's inputs
+    (the harness runs all variants of one item in a row)."""
+    from adaspark.bench.needle import load_frames
+    from adaspark.integrations.transformers.needle_model import (
+        encode_prompt,
+        letter_token_ids,
+        preprocess_frames,
+        run_model,
+    )
+
+    letters = letter_token_ids(tokenizer)
+    cache: dict = {}
+
+    def answer_fn(item, variant) -> dict:
+        if cache.get("id") != item.id:
+            frames = load_frames(item, data_dir)
+            video = preprocess_frames(frames, item.fps, settings)
+            cache.clear()
+            cache.update(id=item.id, inputs=encode_prompt(tokenizer, video, item.question, item.options))
+        r = run_model(model, cache["inputs"], letters, variant.config)
+        r.pop("report")
+        return r
+
+    return answer_fn
+
+
+# ---------------------------------------------------------------------------------------- run
+def _check(args: argparse.Namespace):
+    from adaspark.config import AdaSparkConfig
+
+    fields = {"backend": args.backend}
+    if args.cube is not None:
+        fields["cube"] = tuple(args.cube)
+    base = AdaSparkConfig(**fields)
+    for length in args.lengths:
+        if length < 16 or length % 2:
+            raise UsageError(f"--lengths: every length must be an even number >= 16, got {length}")
+    if len(set(args.lengths)) != len(args.lengths):
+        raise UsageError("--lengths: duplicate lengths")
+    if len(set(args.ps)) != len(args.ps):
+        raise UsageError("--ps: duplicate values")
+    if args.calibrate < 0:
+        raise UsageError(f"--calibrate must be >= 0, got {args.calibrate}")
+    if not args.seed >= 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if args.model is not None and not Path(args.model).expanduser().is_dir():
+        raise UsageError(f"--model {args.model!r} is not a directory (expected a save_pretrained checkpoint)")
+    if args.data is not None and not Path(args.data).expanduser().is_dir():
+        raise UsageError(f"--data {args.data!r} is not a directory")
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {args.out!r} exists and is not a directory")
+    if not args.no_plot:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError(
+                "the accuracy-vs-FLOPs plot needs matplotlib: pip install matplotlib (or use --no-plot)"
+            )
+    return base
+
+
+def _items(args):
+    from adaspark.bench.needle import make_split, read_split
+
+    if args.data is not None:
+        items = read_split(Path(args.data).expanduser())
+        if not items:
+            raise UsageError(f"--data {args.data!r} holds no items")
+        return items
+    return make_split(args.split, args.n, args.lengths, args.tasks, seed=args.seed)
+
+
+def _overall_table(out: Path) -> str:
+    """The 'all lengths and tasks' table of summary.md, for the terminal."""
+    text = (out / "summary.md").read_text(encoding="utf-8")
+    part = text.split("## All lengths and tasks", 1)[-1].split("## By length", 1)[0]
+    return part.strip()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``adaspark eval``."""
+    try:
+        base = _check(args)
+        items = _items(args)
+    except (ValueError, FileNotFoundError) as e:
+        return _error(e)
+    from adaspark.bench.evaluate import calibrate_budgets, run_eval, standard_variants
+    from adaspark.core.io import atomic_write_json
+    from adaspark.integrations.transformers.needle_model import load_model, video_settings
+
+    try:
+        model, tokenizer = load_model(args.model)
+        settings = video_settings(args.model)
+    except (OSError, ValueError, ImportError) as e:
+        return _error(f"cannot load the model: {e}")
+    out = Path(args.out).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return _error(f"--out {args.out!r}: cannot create the directory ({e})")
+    data_dir = Path(args.data).expanduser() if args.data is not None else None
+    answer_fn = make_answer_fn(model, tokenizer, settings, data_dir)
+    start = time.perf_counter()
+    try:
+        budgets = None
+        if args.calibrate and ("top_k" in args.families or "ratio" in args.families):
+            longest = max(it.num_frames for it in items)
+            cal = [it for it in items if it.num_frames == longest][: args.calibrate]
+            print(
+                f"calibrating top_k / ratio budgets on {len(cal)} item(s) of {longest} frames",
+                file=sys.stderr,
+            )
+            budgets = calibrate_budgets(cal, answer_fn, args.ps, base=base)
+        variants = standard_variants(args.ps, base=base, budgets=budgets, families=args.families)
+        atomic_write_json(
+            out / "eval_config.json",
+            {
+                "adaspark_version": __version__,
+                "model": str(args.model) if args.model else "shipped",
+                "split": args.split if args.data is None else None,
+                "data": str(data_dir) if data_dir else None,
+                "lengths": sorted({it.num_frames for it in items}),
+                "n_items": len(items),
+                "variants": [{"name": v.name, "config": v.config_dict()} for v in variants],
+                "budgets": {str(p): vars(b) for p, b in (budgets or {}).items()},
+            },
+            indent=2,
+        )
+        run_eval(items, variants, answer_fn, out, progress=not args.no_progress, plot=not args.no_plot)
+    except KeyboardInterrupt:
+        print(
+            f"\nadaspark: interrupted; the results so far are in {out / 'results.jsonl'} — run the same "
+            "command again to resume",
+            file=sys.stderr,
+        )
+        return 130
+    except (ValueError, RuntimeError, OSError) as e:
+        return _error(e)
+    print(
+        f"AdaSpark {__version__} eval: {len(items)} items x {len(variants)} variants "
+        f"in {time.perf_counter() - start:.0f} s\n"
+    )
+    print(_overall_table(out))
+    names = ["results.jsonl", "summary.csv", "summary.md"] + (
+        [] if args.no_plot else ["accuracy_vs_flops.png"]
+    )
+    print("\nWrote " + ", ".join(str(out / n) for n in names))
+    return 0

@@ -1,0 +1,69 @@
+"""Qwen3-VL: temporal slices separated by timestamp text; DeepStack visual features in early layers.
+
+The Qwen3-VL processor writes a video of ``grid_thw = (T, H, W)`` patches as ``T`` groups, one per
+temporal slice: ``<t seconds>`` text, ``<|vision_start|>``, ``(H/m)·(W/m)`` ``<|video_pad|>`` tokens,
+``<|vision_end|>``. ``get_rope_index`` receives the per-video grids (it splits them into slices
+itself), so the layout is captured there as for Qwen2.5-VL, but read with
+:func:`~adaspark.integrations.transformers.layouts.build_segmented_layout`: each video keeps one
+``(T, H/m, W/m)`` cube grid across the text between its slices, and that text stays non-video.
+
+DeepStack adds features of intermediate vision layers to the hidden states of the video tokens
+after the first decoder layers. That happens between decoder layers, outside the attention and
+MLP sub-layers AdaSpark replaces, so it needs nothing here: the added features are part of the
+residual stream that the next layer's AdaS-FFN scores.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adaspark.config import AdaSparkConfig
+from adaspark.core.layout import Layout
+from adaspark.integrations.transformers.adapters.qwen2_vl import QwenVLAdapter
+from adaspark.integrations.transformers.layouts import build_segmented_layout
+
+__all__ = ["QWEN3_VL", "Qwen3VLAdapter"]
+
+
+def _llm_grids(grid_thw: torch.Tensor | None, merge: int, what: str) -> list[tuple[int, int, int]]:
+    if grid_thw is None:
+        return []
+    if not isinstance(grid_thw, torch.Tensor) or grid_thw.dim() != 2 or grid_thw.shape[-1] != 3:
+        raise ValueError(
+            f"{what} must be a [num, 3] tensor of (T, H, W) grids, "
+            f"got {getattr(grid_thw, 'shape', grid_thw)!r}"
+        )
+    out = []
+    for i, (t, h, w) in enumerate(grid_thw.tolist()):
+        if h % merge or w % merge:
+            raise ValueError(
+                f"{what} {i}: grid {[t, h, w]} has H or W not divisible by spatial_merge_size {merge}"
+            )
+        out.append((int(t), int(h) // merge, int(w) // merge))
+    return out
+
+
+class Qwen3VLAdapter(QwenVLAdapter):
+    """Qwen3-VL: like Qwen2.5-VL, but a video's temporal slices may have text between them."""
+
+    def build_layout(
+        self,
+        types: torch.Tensor,
+        video_grid_thw: torch.Tensor | None,
+        image_grid_thw: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        config: AdaSparkConfig,
+        merge: int,
+    ) -> Layout:
+        return build_segmented_layout(
+            types,
+            _llm_grids(video_grid_thw, merge, "video_grid_thw"),
+            cube=config.cube,
+            attention_mask=attention_mask,
+            image_grids=_llm_grids(image_grid_thw, merge, "image_grid_thw"),
+            images_as_video=config.images_as_video,
+            slices_may_split=True,
+        )
+
+
+QWEN3_VL = Qwen3VLAdapter("Qwen3-VL", "qwen3_vl", ("Qwen3VLForConditionalGeneration", "Qwen3VLModel"))

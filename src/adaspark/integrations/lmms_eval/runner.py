@@ -1,0 +1,486 @@
+"""What the ``adaspark_qwen2_5_vl`` lmms-eval model does, without importing lmms-eval.
+
+:func:`parse_model_args` turns lmms-eval's ``--model_args`` (``key=value`` pairs, already split and
+converted by lmms-eval, or plain strings) into :class:`RunSettings`: an
+:class:`~adaspark.config.AdaSparkConfig` (``None`` for the dense model), video sampling and
+generation settings. :class:`Runner` loads the checkpoint with transformers, answers one request
+(one video + a prompt) with ``model.generate`` under :func:`adaspark.patch`, and keeps one record
+per request (FLOPs dense / executed, saved fraction, densities, tokens, seconds), optionally
+rewritten atomically to a JSONL file after every request.
+
+The lmms-eval class in :mod:`adaspark.integrations.lmms_eval.model` is a thin adapter over
+:class:`Runner`; everything here can be used and tested without lmms-eval installed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from adaspark.config import AdaSparkConfig
+
+__all__ = ["MODEL_ARGS", "RunSettings", "Runner", "answer_requests", "parse_model_args", "summarize_records"]
+
+# ------------------------------------------------------------------------------ model_args
+_CONFIG_FLOATS = ("p", "p_attn", "p_ffn", "ratio", "dense_fallback")
+_CONFIG_INTS = ("top_k", "top_k_tokens", "min_cubes", "max_cubes", "query_block")
+_CONFIG_BOOLS = ("sparse_attn", "sparse_ffn", "mean_compensation", "images_as_video")
+_CONFIG_STRS = ("policy", "granularity", "backend")
+_CONFIG_OPTIONAL = ("p_attn", "p_ffn", "max_cubes", "query_block", "dense_fallback")
+_CONFIG_KEYS = (*_CONFIG_FLOATS, *_CONFIG_INTS, *_CONFIG_BOOLS, *_CONFIG_STRS, "cube", "dense_layers")
+
+#: model_args that are not AdaSparkConfig fields, with their meaning
+RUN_ARGS: dict[str, str] = {
+    "pretrained": "checkpoint directory written by save_pretrained (Qwen2.5-VL / Qwen2-VL)",
+    "dense": "true: run the dense model (AdaSpark off; FLOPs are still counted)",
+    "dtype": "auto (the checkpoint's), float32, bfloat16 or float16",
+    "device": "cpu, cuda, cuda:N (default: cuda when available)",
+    "fps": "video sampling rate (default 2.0)",
+    "num_frames": "sample this many frames instead of a rate",
+    "max_frames": "cap on the sampled frames (default 768)",
+    "min_pixels": "per-frame pixel lower bound (default: the checkpoint's video processor, else 100352)",
+    "max_pixels": "per-frame pixel upper bound (default: the checkpoint's video processor, else 602112)",
+    "max_video_tokens": "cap on the LM tokens of one video (default 128000)",
+    "max_new_tokens": "generation cap when the task gives none (default 32)",
+    "report_path": "JSONL file that receives one AdaSpark record per request (rewritten atomically)",
+    "batch_size": "accepted for lmms-eval; requests run one at a time",
+    "max_batch_size": "accepted for lmms-eval; ignored",
+}
+MODEL_ARGS: tuple[str, ...] = (*RUN_ARGS, *_CONFIG_KEYS)
+"""Every key ``--model_args`` accepts: the run settings above plus the AdaSparkConfig fields."""
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _is_none(value) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in {"none", "null", ""})
+
+
+def _as_bool(key: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"model_args {key}={value!r}: expected true or false")
+
+
+def _as_float(key: str, value) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"model_args {key}={value!r}: expected a number")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"model_args {key}={value!r}: expected a number") from None
+    if not math.isfinite(out):
+        raise ValueError(f"model_args {key}={value!r}: expected a finite number")
+    return out
+
+
+def _as_int(key: str, value) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"model_args {key}={value!r}: expected an integer")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    raise ValueError(f"model_args {key}={value!r}: expected an integer")
+
+
+def _as_int_list(key: str, value, sep: str, what: str) -> list[int]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [_as_int(key, value)]
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"model_args {key}={value!r}: expected {what}")
+    try:
+        return [_as_int(key, part) for part in value.strip().split(sep)]
+    except ValueError:
+        raise ValueError(f"model_args {key}={value!r}: expected {what}") from None
+
+
+def _config_value(key: str, value):
+    if key in _CONFIG_OPTIONAL and _is_none(value):
+        return None
+    if key in _CONFIG_FLOATS:
+        return _as_float(key, value)
+    if key in _CONFIG_INTS:
+        return _as_int(key, value)
+    if key in _CONFIG_BOOLS:
+        return _as_bool(key, value)
+    if key in _CONFIG_STRS:
+        return str(value).strip()
+    if key == "cube":  # "4x4x4" (t x h x w LM tokens) or one number for all three
+        sizes = _as_int_list(key, value, "x", "a cube size such as 4x4x4 (t x h x w) or 4")
+        if len(sizes) == 1:
+            sizes = sizes * 3
+        if len(sizes) != 3:
+            raise ValueError(f"model_args cube={value!r}: expected t x h x w, such as 4x4x4")
+        return tuple(sizes)
+    if key == "dense_layers":  # "0;-1" (semicolons: commas separate model_args)
+        if _is_none(value):
+            return ()
+        return tuple(_as_int_list(key, value, ";", "layer indices separated by ';', such as 0;-1"))
+    raise AssertionError(key)  # pragma: no cover - keys come from _CONFIG_KEYS
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Parsed ``--model_args`` of ``adaspark_qwen2_5_vl``.
+
+    Attributes:
+        pretrained: checkpoint directory.
+        config: AdaSpark settings; ``None`` runs the dense model.
+        dtype: parameter dtype, ``None`` keeps the checkpoint's.
+        device: torch device string.
+        video: keyword arguments for :func:`adaspark.video.load_video` given by the user (the
+            checkpoint's processor settings fill the rest when the model is loaded).
+        max_new_tokens: generation cap when a task gives none.
+        report_path: JSONL file for the per-request records, or ``None``.
+    """
+
+    pretrained: Path
+    config: AdaSparkConfig | None
+    dtype: torch.dtype | None = None
+    device: str = "cpu"
+    video: dict = field(default_factory=dict)
+    max_new_tokens: int = 32
+    report_path: Path | None = None
+
+
+def parse_model_args(args: dict | str | None) -> RunSettings:
+    """``--model_args`` → :class:`RunSettings`; every bad key or value raises ``ValueError`` naming it.
+
+    ``args`` is a dict (lmms-eval has split ``key=value`` pairs and converted numbers and booleans)
+    or the raw string ``"pretrained=PATH,p=0.5,cube=4x4x4"``. Keys: :data:`MODEL_ARGS`.
+    ``dense=true`` with any AdaSpark setting is refused (they would be ignored silently).
+    """
+    if args is None:
+        args = {}
+    if isinstance(args, str):
+        pairs = [a for a in args.split(",") if a.strip()]
+        bad = [a for a in pairs if "=" not in a]
+        if bad:
+            raise ValueError(f"model_args {bad[0]!r}: expected key=value")
+        args = dict(a.split("=", 1) for a in pairs)
+        args = {k.strip(): v.strip() for k, v in args.items()}
+    unknown = sorted(k for k in args if k not in MODEL_ARGS)
+    if unknown:
+        raise ValueError(
+            f"unknown model_args {', '.join(unknown)} for adaspark_qwen2_5_vl; "
+            f"accepted: {', '.join(MODEL_ARGS)}"
+        )
+    if _is_none(args.get("pretrained")):
+        raise ValueError(
+            "model_args pretrained=PATH is required (a checkpoint directory saved with save_pretrained)"
+        )
+    pretrained = Path(str(args["pretrained"])).expanduser()
+    if not pretrained.is_dir():
+        raise ValueError(f"model_args pretrained={str(pretrained)!r} is not a directory")
+    if not (pretrained / "config.json").is_file():
+        raise ValueError(
+            f"model_args pretrained={str(pretrained)!r} has no config.json (not a save_pretrained checkpoint)"
+        )
+
+    dense = _as_bool("dense", args["dense"]) if "dense" in args else False
+    fields = {k: _config_value(k, v) for k, v in args.items() if k in _CONFIG_KEYS}
+    if dense and fields:
+        raise ValueError(
+            f"model_args dense=true cannot be combined with AdaSpark settings ({', '.join(fields)})"
+        )
+    try:
+        config = None if dense else AdaSparkConfig(**fields)
+    except ValueError as e:
+        raise ValueError(f"model_args: {e}") from None
+
+    dtype_name = str(args.get("dtype", "auto")).strip().lower()
+    if dtype_name != "auto" and dtype_name not in _DTYPES:
+        raise ValueError(f"model_args dtype={dtype_name!r}: expected auto, {', '.join(_DTYPES)}")
+    dtype = None if dtype_name == "auto" else _DTYPES[dtype_name]
+
+    device = args.get("device")
+    if _is_none(device):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"model_args device={device!r} is not a torch device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"model_args device={device!r}: CUDA is not available on this machine")
+
+    video: dict = {}
+    if "fps" in args and not _is_none(args["fps"]):
+        video["fps"] = _as_float("fps", args["fps"])
+        if video["fps"] <= 0:
+            raise ValueError(f"model_args fps={args['fps']!r} must be > 0")
+    for key in ("num_frames", "max_frames", "min_pixels", "max_pixels", "max_video_tokens"):
+        if key in args and not _is_none(args[key]):
+            video[key] = _as_int(key, args[key])
+            if video[key] < 1:
+                raise ValueError(f"model_args {key}={args[key]!r} must be >= 1")
+    if video.get("min_pixels", 0) > video.get("max_pixels", math.inf):
+        raise ValueError("model_args min_pixels must not exceed max_pixels")
+
+    max_new_tokens = _as_int("max_new_tokens", args.get("max_new_tokens", 32))
+    if max_new_tokens < 1:
+        raise ValueError(f"model_args max_new_tokens={max_new_tokens} must be >= 1")
+    for key in ("batch_size", "max_batch_size"):
+        value = args.get(key)
+        if not _is_none(value) and str(value).strip() != "auto" and _as_int(key, value) < 1:
+            raise ValueError(f"model_args {key}={value!r} must be >= 1")
+    report_path = None
+    if not _is_none(args.get("report_path")):
+        report_path = Path(str(args["report_path"])).expanduser()
+        if not report_path.resolve().parent.is_dir():
+            raise ValueError(
+                f"model_args report_path={str(report_path)!r}: "
+                f"directory {str(report_path.resolve().parent)!r} does not exist"
+            )
+    return RunSettings(
+        pretrained=pretrained,
+        config=config,
+        dtype=dtype,
+        device=device,
+        video=video,
+        max_new_tokens=max_new_tokens,
+        report_path=report_path,
+    )
+
+
+# ------------------------------------------------------------------------------ video settings
+def checkpoint_video_settings(directory: Path) -> dict:
+    """``load_video`` keyword arguments from the checkpoint's processor configs.
+
+    Pixel bounds come only from ``video_preprocessor_config.json`` (a real Qwen2.5-VL's
+    ``preprocessor_config.json`` holds the *image* bounds, far too large per video frame); patch
+    geometry and normalisation from either file. Missing values keep :func:`load_video`'s
+    defaults, which are those of transformers' ``Qwen2VLVideoProcessor``.
+    """
+    out: dict = {}
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):  # video wins
+        f = directory / name
+        if not f.is_file():
+            continue
+        try:
+            d = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{f}: cannot read the processor config: {e}") from None
+        for key in ("patch_size", "temporal_patch_size", "merge_size"):
+            if d.get(key) is not None:
+                out[key] = int(d[key])
+        for key in ("image_mean", "image_std"):
+            if d.get(key) is not None:
+                out[key] = tuple(float(x) for x in d[key])
+        if name.startswith("video"):
+            size = d.get("size") or {}
+            lo = size.get("shortest_edge", d.get("min_pixels"))
+            hi = size.get("longest_edge", d.get("max_pixels"))
+            if lo is not None:
+                out["min_pixels"] = int(lo)
+            if hi is not None:
+                out["max_pixels"] = int(hi)
+            if d.get("fps"):
+                out["fps"] = float(d["fps"])
+    return out
+
+
+# ------------------------------------------------------------------------------ records
+def summarize_records(records: list[dict]) -> dict:
+    """Totals over per-request records: requests, FLOPs dense / executed and the saved fraction."""
+    dense = sum(r["flops_dense"] for r in records)
+    done = sum(r["flops"] for r in records)
+    llm_dense = sum(r["decoder_flops_dense"] for r in records)
+    llm_done = sum(r["decoder_flops"] for r in records)
+    return {
+        "requests": len(records),
+        "flops_dense": dense,
+        "flops": done,
+        "saved": 1.0 - done / dense if dense else 0.0,
+        "decoder_saved": 1.0 - llm_done / llm_dense if llm_dense else 0.0,
+        "seconds": sum(r["seconds"] for r in records),
+    }
+
+
+def _cut_at_stops(text: str, until) -> str:
+    stops = [s for s in (until or []) if isinstance(s, str) and s]
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+# ------------------------------------------------------------------------------ the runner
+class Runner:
+    """A loaded checkpoint that answers video requests, dense or with AdaSpark, and records the cost."""
+
+    def __init__(self, settings: RunSettings) -> None:
+        from adaspark.integrations.transformers.analysis import load_model
+
+        self.settings = settings
+        try:
+            loaded = load_model(settings.pretrained, dtype=settings.dtype, device=settings.device)
+        except ValueError as e:
+            raise ValueError(f"model_args pretrained: {e}") from None
+        if loaded.tokenizer is None:
+            raise ValueError(
+                f"model_args pretrained={str(settings.pretrained)!r} has no tokenizer files; "
+                "the lmms-eval model needs one to read prompts and write answers"
+            )
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.device = torch.device(settings.device)
+        self.video_kwargs = {**checkpoint_video_settings(settings.pretrained), **settings.video}
+        # the dense run still goes through the patch (both modules off), so that the same counters
+        # report its FLOPs
+        self.config = settings.config or AdaSparkConfig(sparse_attn=False, sparse_ffn=False)
+        self.records: list[dict] = []
+
+    # ---------------------------------------------------------------- prompt and video
+    def _video(self, visual):
+        from adaspark.video import load_video
+
+        path = Path(str(visual))
+        if not path.is_file():
+            raise ValueError(f"video {str(path)!r} does not exist")
+        return load_video(path, **self.video_kwargs)
+
+    def _inputs(self, text: str, video) -> dict:
+        from adaspark.integrations.transformers.analysis import build_prompt
+
+        # placeholders of other models' prompt conventions; the video goes where the template puts it
+        text = text.replace("<video>", "").replace("<image>", "").strip()
+        inputs = build_prompt(self.model, self.tokenizer, int(video.num_llm_tokens), text)
+        inputs.update(video.as_model_kwargs())
+        return {k: v.to(self.device) for k, v in inputs.items()}
+
+    # ---------------------------------------------------------------- generation
+    def _generate_kwargs(self, gen_kwargs: dict) -> dict:
+        out = {"max_new_tokens": int(gen_kwargs.get("max_new_tokens") or self.settings.max_new_tokens)}
+        temperature = float(gen_kwargs.get("temperature") or 0.0)
+        sample = bool(gen_kwargs.get("do_sample", False)) and temperature > 0
+        out["do_sample"] = sample
+        if sample:
+            out["temperature"] = temperature
+            if gen_kwargs.get("top_p") is not None:
+                out["top_p"] = float(gen_kwargs["top_p"])
+        else:  # greedy: do not let the checkpoint's generation_config switch sampling on
+            out.update(temperature=None, top_p=None, top_k=None)
+        if gen_kwargs.get("num_beams"):
+            out["num_beams"] = int(gen_kwargs["num_beams"])
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self.tokenizer, "eos_token_id", None)
+        if pad is not None:
+            out["pad_token_id"] = int(pad)
+        return out
+
+    def answer(
+        self, context: str, visuals, gen_kwargs: dict | None = None, *, meta: dict | None = None
+    ) -> str:
+        """Answer one request: ``context`` (the task's prompt) about ``visuals`` (one video path).
+
+        Returns the generated text (cut at the first of ``gen_kwargs["until"]``); appends a record
+        with the AdaSpark report to :attr:`records` (and to ``report_path`` when set).
+
+        Raises:
+            ValueError: not exactly one video, a video that is not a file path, an unreadable video.
+        """
+        import adaspark
+
+        gen_kwargs = dict(gen_kwargs or {})
+        visuals = [v for v in (visuals or []) if v is not None]
+        where = f" ({meta['task']} doc {meta['doc_id']})" if meta and "task" in meta else ""
+        if len(visuals) != 1 or not isinstance(visuals[0], (str, os.PathLike)):
+            kinds = ", ".join(type(v).__name__ for v in visuals) or "none"
+            raise ValueError(
+                f"adaspark_qwen2_5_vl answers requests with exactly one video file; got {kinds}{where}"
+            )
+        try:
+            video = self._video(visuals[0])
+        except ValueError as e:  # VideoDecodeError included
+            raise ValueError(f"{e}{where}") from None
+        inputs = self._inputs(context, video)
+        n_prompt = int(inputs["input_ids"].shape[1])
+        until = gen_kwargs.get("until")
+        until = [until] if isinstance(until, str) else list(until or [])
+        with torch.inference_mode(), adaspark.patch(self.model, self.config) as handle:
+            start = time.perf_counter()
+            out = self.model.generate(**inputs, **self._generate_kwargs(gen_kwargs))
+            seconds = time.perf_counter() - start
+            rep = handle.report()
+        new_ids = out[0, n_prompt:].tolist()
+        text = _cut_at_stops(self.tokenizer.decode(new_ids, skip_special_tokens=True), until).strip()
+        sparse = self.settings.config is not None
+        record = {
+            **(meta or {}),
+            "video": str(visuals[0]),
+            "mode": "adaspark" if sparse else "dense",
+            "config": self.settings.config.to_dict() if sparse else None,
+            "grid_thw": [int(x) for x in video.video_grid_thw[0].tolist()],
+            "prompt_tokens": n_prompt,
+            "video_tokens": int(video.num_llm_tokens),
+            "new_tokens": len(new_ids),
+            "flops_dense": float(rep.flops_dense),
+            "flops": float(rep.flops_sparse if sparse else rep.flops_dense),
+            "decoder_flops_dense": float(rep.llm_flops_dense),
+            "decoder_flops": float(rep.llm_flops_sparse if sparse else rep.llm_flops_dense),
+            "saved": float(rep.saved) if sparse else 0.0,
+            "decoder_saved": float(rep.llm_saved) if sparse else 0.0,
+            "attn_density": float(rep.attn_density) if sparse else 1.0,
+            "ffn_active": float(rep.ffn_active) if sparse else 1.0,
+            "seconds": seconds,
+            "response": text,
+        }
+        self.records.append(record)
+        self._write_record(record)
+        return text
+
+    def _write_record(self, record: dict) -> None:
+        """Append ``record`` to ``report_path``: the file is read again and rewritten atomically, so
+        lines already there (earlier runs, another runner in this process) are kept."""
+        path = self.settings.report_path
+        if path is None:
+            return
+        from adaspark.core.io import atomic_write_text
+
+        old = path.read_text(encoding="utf-8") if path.is_file() else ""
+        if old and not old.endswith("\n"):
+            old += "\n"
+        atomic_write_text(path, old + json.dumps(record, separators=(",", ":")) + "\n")
+
+    def summary(self) -> dict:
+        """:func:`summarize_records` over this runner's requests, with the mode and config."""
+        cfg = self.settings.config
+        return {
+            "mode": "adaspark" if cfg is not None else "dense",
+            "config": cfg.to_dict() if cfg is not None else None,
+            **summarize_records(self.records),
+        }
+
+
+def answer_requests(runner: Runner, requests, task_dict: dict, *, progress: bool = False) -> list[str]:
+    """lmms-eval's ``generate_until`` for a "simple" model, on any objects shaped like its requests.
+
+    Each request's ``args`` is ``(context, gen_kwargs, doc_to_visual, doc_id, task, split)``; the
+    document is ``task_dict[task][split][doc_id]`` and ``doc_to_visual(doc)`` lists its video.
+    Returns the answers in request order.
+    """
+    from tqdm.auto import tqdm
+
+    answers = []
+    for req in tqdm(requests, desc="adaspark_qwen2_5_vl", disable=not (progress and requests)):
+        context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+        visuals = doc_to_visual(task_dict[task][split][doc_id])
+        meta = {"task": task, "split": split, "doc_id": int(doc_id)}
+        answers.append(runner.answer(context, visuals, gen_kwargs, meta=meta))
+    return answers

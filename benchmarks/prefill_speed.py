@@ -46,9 +46,12 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode", action="store_true", help="also time one decode step after the prefill")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--name", default="prefill_speed")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     print(f"machine: {machine()}", flush=True)
     rows, dec_rows = [], []

@@ -4,8 +4,10 @@ dense and with AdaSpark, and compare answer, FLOPs and wall time.
 Defaults: the trained needle model shipped with the package and a generated needle-benchmark
 video (test split) with its own question. A user video is decoded with :mod:`adaspark.video` and
 preprocessed with the checkpoint's processor settings; a question needs its answer options
-(``--options``, 2 to 4), and the model answers with an option letter. The answer is read from the
-letter logits at the answer position (one prefill forward, no sampling).
+(``--options``, 2 to 4). The model is scored by option likelihood: every option's words are scored
+as the answer after the question (one prefill forward plus one short continuation per option, no
+sampling) and the most likely option is the answer; "confidence" is the softmax over the options'
+mean log-probabilities.
 
 Exit codes: 0 success, 2 bad input (one line on stderr).
 """
@@ -61,7 +63,7 @@ def _number(text: str) -> float:
 # ---------------------------------------------------------------------------------------- parser
 def add_parser(commands) -> argparse.ArgumentParser:
     """Register ``ask`` (and its alias ``demo``) on the ``adaspark`` sub-command parser."""
-    from adaspark.config import BACKENDS, POLICIES
+    from adaspark.config import BACKENDS, GRANULARITIES, POLICIES
     from adaspark.video import SAMPLE_VIDEOS
 
     parser = commands.add_parser(
@@ -123,6 +125,12 @@ def add_parser(commands) -> argparse.ArgumentParser:
     )
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="AdaSpark kernels (default auto)")
     parser.add_argument(
+        "--granularity",
+        choices=GRANULARITIES,
+        default=None,
+        help="cube selection per cube or per token (default: AdaSparkConfig's)",
+    )
+    parser.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="model dtype (default float32)"
     )
     parser.add_argument(
@@ -143,6 +151,8 @@ def _check(args: argparse.Namespace):
     from adaspark.config import AdaSparkConfig
 
     fields = {"p": args.p, "policy": args.policy, "backend": args.backend}
+    if args.granularity is not None:
+        fields["granularity"] = args.granularity
     if args.cube is not None:
         fields["cube"] = tuple(args.cube)
     config = AdaSparkConfig(**fields)  # ValueError names the field
@@ -247,25 +257,25 @@ def _one(result: dict) -> dict:
 def _run(args, config, model, tokenizer, src: dict, bar) -> dict:
     import torch
 
-    from adaspark.integrations.transformers.needle_model import encode_prompt, letter_token_ids, run_model
+    from adaspark.integrations.transformers.needle_model import encode_prompt, option_token_ids, run_model
 
     inputs = encode_prompt(tokenizer, src["video"], src["question"], src["options"])
-    letters = letter_token_ids(tokenizer)[: len(src["options"])]
+    options_ids = option_token_ids(tokenizer, src["options"])
     # warm-up: one-time costs (allocator, thread pools, the vision encoder's FLOP count) are paid here
     bar.set_description("warm up")
-    run_model(model, inputs, letters, None)
-    run_model(model, inputs, letters, config)
+    run_model(model, inputs, options_ids, None)
+    run_model(model, inputs, options_ids, config)
     bar.update()
     times: dict[str, list[float]] = {"dense": [], "adaspark": []}
     dense = sparse = None
     for i in range(args.repeats):
         suffix = f" ({i + 1}/{args.repeats})" if args.repeats > 1 else ""
         bar.set_description("dense" + suffix)
-        dense = _one(run_model(model, inputs, letters, None))
+        dense = _one(run_model(model, inputs, options_ids, None))
         times["dense"].append(dense["seconds"])
         bar.update()
         bar.set_description("AdaSpark" + suffix)
-        sparse = _one(run_model(model, inputs, letters, config))
+        sparse = _one(run_model(model, inputs, options_ids, config))
         times["adaspark"].append(sparse["seconds"])
         bar.update()
     tc = model.config.text_config
@@ -361,7 +371,8 @@ def format_result(r: dict) -> str:
         )
     sel = f"p = {c['p']}" if c["policy"] == "top_p" else f"policy {c['policy']}"
     ct, ch, cw = c["cube"]
-    lines.append(f"AdaSpark  {sel}, cube {ct}x{ch}x{cw}, backend {c['backend']}")
+    gran = f", {c['granularity']} granularity" if "granularity" in c else ""
+    lines.append(f"AdaSpark  {sel}, cube {ct}x{ch}x{cw}{gran}, backend {c['backend']}")
     lines.append("")
     t = r["timing_s"]
 
@@ -374,7 +385,7 @@ def format_result(r: dict) -> str:
         f"            {'answer':<{width}}  confidence   FLOPs, whole model   FLOPs, decoder   wall time"
     )
     for label, x, sec in (("dense", d, t["dense"]), ("AdaSpark", s, t["adaspark"])):
-        conf = x["letter_probs"][x["pred"]]
+        conf = x["option_probs"][x["pred"]]
         lines.append(
             f"  {label:<9} {answer(x):<{width}}  {conf:>10.1%}   {_flops(x['flops']):>18}   "
             f"{_flops(x['decoder_flops']):>14}   {sec:7.3f} s"

@@ -61,7 +61,7 @@ def _fraction(text: str) -> float:
 # ---------------------------------------------------------------------------------------- parser
 def add_parser(commands) -> argparse.ArgumentParser:
     """Register ``eval`` on the ``adaspark`` sub-command parser."""
-    from adaspark.config import BACKENDS
+    from adaspark.config import BACKENDS, GRANULARITIES
 
     parser = commands.add_parser(
         "eval",
@@ -121,6 +121,12 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--model", metavar="PATH", help="checkpoint directory (default: the shipped model)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="AdaSpark kernels (default auto)")
     parser.add_argument(
+        "--granularity",
+        choices=GRANULARITIES,
+        default=None,
+        help="cube selection per cube or per token (default: AdaSparkConfig's)",
+    )
+    parser.add_argument(
         "--cube", type=int, nargs=3, metavar=("T", "H", "W"), default=None, help="cube size (default 4 4 4)"
     )
     parser.add_argument(
@@ -139,12 +145,11 @@ def make_answer_fn(model, tokenizer, settings=None, data_dir=None):
     from adaspark.bench.needle import load_frames
     from adaspark.integrations.transformers.needle_model import (
         encode_prompt,
-        letter_token_ids,
+        option_token_ids,
         preprocess_frames,
         run_model,
     )
 
-    letters = letter_token_ids(tokenizer)
     cache: dict = {}
 
     def answer_fn(item, variant) -> dict:
@@ -152,8 +157,12 @@ def make_answer_fn(model, tokenizer, settings=None, data_dir=None):
             frames = load_frames(item, data_dir)
             video = preprocess_frames(frames, item.fps, settings)
             cache.clear()
-            cache.update(id=item.id, inputs=encode_prompt(tokenizer, video, item.question, item.options))
-        r = run_model(model, cache["inputs"], letters, variant.config)
+            cache.update(
+                id=item.id,
+                inputs=encode_prompt(tokenizer, video, item.question),
+                options=option_token_ids(tokenizer, item.options),
+            )
+        r = run_model(model, cache["inputs"], cache["options"], variant.config)
         r.pop("report")
         return r
 
@@ -165,6 +174,8 @@ def _check(args: argparse.Namespace):
     from adaspark.config import AdaSparkConfig
 
     fields = {"backend": args.backend}
+    if args.granularity is not None:
+        fields["granularity"] = args.granularity
     if args.cube is not None:
         fields["cube"] = tuple(args.cube)
     base = AdaSparkConfig(**fields)

@@ -7,14 +7,17 @@ under :data:`DEFAULT_MODEL_DIR` (shipped inside the package) and loaded with ``f
 (:func:`load_model`): the same loading path as a real checkpoint. ``scripts/train_needle_model.py``
 reproduces it; the model card (``README.md`` in that directory) states data, steps, time and accuracy.
 
-Prompt (the Qwen chat layout, one video then the question)::
+Prompt (the Qwen chat layout, one video then the question) and answer::
 
     <|im_start|> user <|vision_start|> <|video_pad|> × N <|vision_end|>
-    what shape appeared in the video ? a . circle b . cross c . square d . triangle
-    answer with the letter . <|im_end|> <|im_start|> assistant
+    what shape appeared in the video ? <|im_end|> <|im_start|> assistant  circle <|im_end|>
 
-The answer is the option letter. :func:`answer_item` scores the four letter tokens at the last
-prompt position (where the model's next token is the answer) and predicts the argmax.
+The model answers with the words of the right option. A multiple-choice question is scored by
+option likelihood (:func:`run_model`): every option's words are scored as the answer and the most
+likely option is the prediction — the usual way to score multiple choice with a small language
+model. (The model was first trained to answer with the option *letter* after a lettered list of
+options; matching an answer to its letter did not form within the CPU training budget, see the
+model card, so the letter is not used.)
 
 Video preprocessing uses :mod:`adaspark.video` (no torchvision) with the sizes of the checkpoint's
 ``video_preprocessor_config.json`` (:func:`video_settings`), which is what transformers'
@@ -49,9 +52,11 @@ __all__ = [
     "letter_token_ids",
     "load_model",
     "needle_config",
+    "option_token_ids",
     "preprocess_frames",
     "prompt_text",
     "run_model",
+    "unknown_words",
     "video_settings",
     "write_processor_configs",
 ]
@@ -145,6 +150,7 @@ def needle_config(
     vision_heads: int = 2,
     tokens_per_second: int = 2,
     rope_theta: float = 10000.0,
+    tie_embeddings: bool = False,
 ):
     """The ``Qwen2_5_VLConfig`` of the needle model (special-token ids from ``tokenizer``)."""
     from transformers import Qwen2_5_VLConfig
@@ -166,7 +172,7 @@ def needle_config(
         bos_token_id=None,
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_embeddings,
     )
     vision = dict(
         depth=vision_depth,
@@ -185,7 +191,7 @@ def needle_config(
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_embeddings,
     )
 
 
@@ -290,10 +296,11 @@ def preprocess_frames(frames, fps: float, settings: VideoSettings | None = None)
 
 # ---------------------------------------------------------------------------------------- prompt
 def prompt_text(question: str, options) -> str:
-    """The user turn's text after the video: question, lettered options, instruction.
+    """The question with lettered options and an instruction, as plain text (the benchmark's
+    multiple-choice form, for models that answer with a letter; ``options=None``: the question alone).
 
-    ``options=None`` gives the open form (the question alone, answered with a word), which the
-    training script mixes in as an auxiliary task.
+    The shipped needle model is prompted with the question alone and scored by option likelihood
+    (:func:`run_model`); this form is what letter-answering models and the lmms-eval task use.
     """
     if options is None:
         return question.strip()
@@ -305,34 +312,57 @@ def prompt_text(question: str, options) -> str:
     return "\n".join(lines)
 
 
-def encode_prompt(tokenizer, video: VideoInputs, question: str, options) -> dict:
-    """Model inputs (batch of one) for ``video`` and a multiple-choice question.
+def unknown_words(tokenizer, texts) -> list[str]:
+    """The words of ``texts`` that ``tokenizer`` does not know (they would become ``<|unk|>``)."""
+    unk = tokenizer.unk_token_id
+    found = set()
+    for text in texts:
+        for word, _ in tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(str(text).lower()):
+            if tokenizer.convert_tokens_to_ids(word) == unk:
+                found.add(word)
+    return sorted(found)
 
-    Returns ``input_ids``, ``attention_mask``, ``mm_token_type_ids``, ``pixel_values_videos``,
-    ``video_grid_thw``, ``second_per_grid_ts``, plus ``unknown_words`` (words of the text that the
-    tokenizer does not know; they become ``<|unk|>``).
+
+def encode_prompt(tokenizer, video: VideoInputs, question: str, options=None) -> dict:
+    """Model inputs (batch of one) for ``video`` and ``question`` in the Qwen chat layout::
+
+        <|im_start|> user <|vision_start|> <|video_pad|> x N <|vision_end|> QUESTION <|im_end|>
+        <|im_start|> assistant
+
+    The answer (an option's text, then ``<|im_end|>``) follows. ``options`` are not written into the
+    prompt; they only count for ``unknown_words``. Returns ``input_ids``, ``attention_mask``,
+    ``mm_token_type_ids``, ``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts`` and
+    ``unknown_words`` (words of the question and options the tokenizer does not know).
     """
-    text = prompt_text(question, options)
     before = tokenizer.convert_tokens_to_ids(["<|im_start|>", "user", "<|vision_start|>"])
-    body = tokenizer(text, add_special_tokens=False)["input_ids"]
+    body = tokenizer(question.strip(), add_special_tokens=False)["input_ids"]
     after = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>", "assistant"])
     vid = tokenizer.convert_tokens_to_ids("<|video_pad|>")
     end = tokenizer.convert_tokens_to_ids("<|vision_end|>")
     n = int(video.num_llm_tokens)
     ids = [*before, *([vid] * n), end, *body, *after]
     types = [0] * len(before) + [2] * n + [0] * (1 + len(body) + len(after))
-    unk = tokenizer.unk_token_id
-    unknown = []
-    if unk in body:
-        words = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text.lower())
-        unknown = sorted({w for w, _ in words if tokenizer.convert_tokens_to_ids(w) == unk})
     return {
         "input_ids": torch.tensor([ids], dtype=torch.long),
         "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
         "mm_token_type_ids": torch.tensor([types], dtype=torch.long),
         **video.as_model_kwargs(),
-        "unknown_words": unknown,
+        "unknown_words": unknown_words(tokenizer, [question, *(options or [])]),
     }
+
+
+def option_token_ids(tokenizer, options) -> list[list[int]]:
+    """The answer tokens of every option: its words, then ``<|im_end|>``."""
+    if not 2 <= len(options) <= len(ANSWER_LETTERS):
+        raise ValueError(f"a question needs 2 to {len(ANSWER_LETTERS)} options, got {len(options)}")
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    out = []
+    for opt in options:
+        ids = tokenizer(str(opt), add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"option {opt!r} has no words")
+        out.append([*ids, end])
+    return out
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -365,11 +395,15 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: torch.dtype = to
 
 
 # ---------------------------------------------------------------------------------------- answering
-def run_model(model, inputs: dict, letter_ids, config: AdaSparkConfig | None) -> dict:
-    """One prefill forward; the letter logits at the last position, FLOPs and wall time.
+def run_model(model, inputs: dict, options_ids, config: AdaSparkConfig | None) -> dict:
+    """Score every option by its likelihood as the answer; FLOPs and wall time of the whole scoring.
 
-    ``config=None`` runs dense (through :func:`adaspark.patch` with both modules switched off, so
-    that the same counters report the dense FLOPs); otherwise AdaSpark with ``config``.
+    One prefill forward over the prompt (with a KV cache) gives the first answer token's
+    distribution; each option's remaining tokens are scored by one short forward that continues
+    from the cache (cropped back after it). An option's score is the mean log-probability of its
+    tokens (``<|im_end|>`` included); ``pred`` is the best. ``config=None`` runs dense (through
+    :func:`adaspark.patch` with both modules off, so that the same counters report the dense
+    FLOPs); otherwise AdaSpark with ``config``. The report covers the prefill and the continuations.
     """
     import adaspark
 
@@ -377,19 +411,30 @@ def run_model(model, inputs: dict, letter_ids, config: AdaSparkConfig | None) ->
     kwargs = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
     with torch.inference_mode(), adaspark.patch(model, cfg) as handle:
         start = time.perf_counter()
-        out = model(**kwargs, logits_to_keep=1)
+        out = model(**kwargs, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+        scores = []
+        for ids in options_ids:
+            logp = [first[ids[0]]]
+            if len(ids) > 1:
+                cont = torch.tensor([ids[:-1]], dtype=torch.long, device=kwargs["input_ids"].device)
+                step = model(input_ids=cont, past_key_values=cache, use_cache=True)
+                lp = torch.log_softmax(step.logits[0].float(), dim=-1)
+                logp += [lp[j, ids[j + 1]] for j in range(len(ids) - 1)]
+                cache.crop(-(len(ids) - 1))
+            scores.append(float(torch.stack(logp).mean()))
         seconds = time.perf_counter() - start
         rep = handle.report()
-    logits = out.logits[0, -1].float()
-    letters = logits[list(letter_ids)]
-    probs = torch.softmax(letters, dim=-1)
+    probs = torch.softmax(torch.tensor(scores), dim=0)
+    firsts = {ids[0] for ids in options_ids}
     flops_sparse = rep.flops_sparse if config is not None else rep.flops_dense
     llm_sparse = rep.llm_flops_sparse if config is not None else rep.llm_flops_dense
     return {
-        "pred": int(letters.argmax()),
-        "letter_logits": [float(x) for x in letters],
-        "letter_probs": [float(x) for x in probs],
-        "top_token_is_letter": int(logits.argmax()) in set(letter_ids),
+        "pred": int(torch.tensor(scores).argmax()),
+        "option_scores": scores,
+        "option_probs": [float(x) for x in probs],
+        "top_token_in_options": int(first.argmax()) in firsts,
         "flops": float(flops_sparse),
         "flops_dense": float(rep.flops_dense),
         "flops_ideal": float(rep.flops_sparse_ideal if config is not None else rep.flops_dense),
@@ -421,16 +466,16 @@ def answer_item(
 
     Returns:
         ``{"pred", "flops", "flops_dense", "decoder_flops", "decoder_flops_dense", "seconds", ...}``
-        (``pred`` indexes ``item.options``; the letter logits, ideal FLOPs, token counts and mean
-        densities are extras).
+        (``pred`` indexes ``item.options``: the option the model finds most likely as its answer;
+        the option scores, ideal FLOPs, token counts and mean densities are extras).
     """
     if frames is None:
         from adaspark.bench.needle import render_frames
 
         frames = render_frames(item)
     video = preprocess_frames(frames, item.fps, settings)
-    inputs = encode_prompt(tokenizer, video, item.question, item.options)
-    result = run_model(model, inputs, letter_token_ids(tokenizer), config)
+    inputs = encode_prompt(tokenizer, video, item.question)
+    result = run_model(model, inputs, option_token_ids(tokenizer, item.options), config)
     result.pop("report")
     result["correct"] = result["pred"] == item.answer
     return result

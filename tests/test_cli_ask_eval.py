@@ -1,0 +1,244 @@
+"""Tests of ``adaspark ask`` and ``adaspark eval`` (in-process, the shipped model, short videos)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("av")
+
+from adaspark import cli
+from adaspark.commands import eval as eval_command
+
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="no matplotlib")
+FAST = ["--repeats", "1", "--no-progress"]
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_clean_error(code: int, out: str, err: str, *needles: str) -> None:
+    assert code == 2
+    assert out == ""
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("adaspark: error: "), err
+    for needle in needles:
+        assert needle in lines[0], err
+
+
+# --------------------------------------------------------------------------- ask
+
+
+@pytest.fixture(scope="module")
+def needle_video(tmp_path_factory) -> tuple[Path, object]:
+    """A generated needle video written to an mp4 file (lossless) and its item."""
+    from adaspark.bench.needle import make_item, write_split
+
+    item = make_item("retrieval", 32, 11)
+    d = write_split([item], tmp_path_factory.mktemp("split"))
+    return d / "videos" / f"{item.id}.mp4", item
+
+
+def test_ask_on_a_user_video_file(needle_video, tmp_path):
+    path, item = needle_video
+    out_json = tmp_path / "ask.json"
+    code, out, err = run_cli(
+        [
+            "ask",
+            str(path),
+            item.question,
+            "--options",
+            *item.options,
+            "--p",
+            "0.3",
+            "--json",
+            str(out_json),
+            *FAST,
+        ]
+    )
+    assert code == 0, err
+    assert err == ""
+    data = json.loads(out_json.read_text())
+    assert data["source"] == "file" and data["video"]["frames"] == 32
+    assert data["video"]["grid_thw"] == [16, 8, 8] and data["video"]["video_tokens"] == 256
+    assert data["question"] == item.question and data["options"] == list(item.options)
+    assert data["answer"] is None  # a user video: the right answer is unknown
+    assert data["unknown_words"] == []
+    d, s = data["dense"], data["adaspark"]
+    assert d["flops"] == d["flops_dense"] == s["flops_dense"]
+    assert s["decoder_flops"] < d["decoder_flops"]
+    assert s["report"]["saved"] == pytest.approx(1 - s["flops"] / s["flops_dense"])
+    # what is printed is what is stored
+    saved = 1 - s["flops"] / d["flops"]
+    assert f"whole model {saved:.1%}" in out
+    for letter, opt in zip("ABCD", item.options, strict=True):
+        assert f"{letter}. {opt}" in out
+    assert re.search(r"^  dense\s+[A-D]\. ", out, flags=re.M)
+    assert re.search(r"^  AdaSpark\s+[A-D]\. ", out, flags=re.M)
+    assert "p = 0.3" in out
+    # the decoded file gives the same frames as the generator, so the dense answer is the generator's
+    from adaspark.integrations.transformers.needle_model import answer_item, load_model
+
+    model, tok = load_model()
+    assert answer_item(model, tok, item, None)["pred"] == d["pred"]
+
+
+def test_ask_default_is_a_generated_sample():
+    code, out, err = run_cli(["ask", "--frames", "64", "--task", "counting", "--seed", "4", *FAST])
+    assert code == 0, err
+    assert "generated needle-benchmark video test-counting-00064f-s4" in out
+    assert "How many times did the" in out
+    assert "(correct answer: " in out
+    assert re.search(r"Dense and AdaSpark give (the same|DIFFERENT) answers? \(dense (right|wrong)", out)
+    assert "FLOPs saved: whole model" in out
+
+
+def test_demo_is_ask_on_a_sample_and_p_1_matches_dense(tmp_path):
+    out_json = tmp_path / "demo.json"
+    code, out, err = run_cli(["demo", "--frames", "32", "--p", "1", "--json", str(out_json), *FAST])
+    assert code == 0, err
+    data = json.loads(out_json.read_text())
+    assert data["dense"]["pred"] == data["adaspark"]["pred"]
+    assert data["dense"]["option_scores"] == pytest.approx(data["adaspark"]["option_scores"], abs=1e-4)
+    assert "the same answer" in out
+
+
+def test_ask_warns_about_unknown_words(needle_video):
+    path, _ = needle_video
+    code, out, err = run_cli(["ask", str(path), "Is there a zebra?", "--options", "yes", "no", *FAST])
+    assert code == 0, err
+    assert "does not know the words" in out and "zebra" in out
+    assert "A. yes   B. no" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["ask", "--p", "1.5"], "AdaSparkConfig.p"),
+        (["ask", "--cube", "0", "4", "4"], "AdaSparkConfig.cube"),
+        (["ask", "--frames", "15"], "--frames"),
+        (["ask", "nope.mp4"], "no such file"),
+        (["ask", "nope.mp4", "What?"], "--options"),
+        (["ask", "--options", "a", "b"], "--options go with a VIDEO"),
+        (["ask", "--model", "/no/such/dir"], "--model"),
+        (["ask", "--json", "/no/such/dir/x.json"], "does not exist"),
+        (["ask", "--sample", "bikes", "--fps", "0"], "--fps"),
+    ],
+)
+def test_ask_bad_input(argv, needle):
+    assert_clean_error(*run_cli([*argv, "--no-progress"]), needle)
+
+
+def test_ask_too_many_options(needle_video):
+    path, _ = needle_video
+    code, out, err = run_cli(
+        ["ask", str(path), "what?", "--options", "1", "2", "3", "4", "5", "--no-progress"]
+    )
+    assert_clean_error(code, out, err, "2 to 4")
+
+
+def test_ask_unreadable_video_and_model(tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    assert_clean_error(*run_cli(["ask", str(bad), "--no-progress"]), str(bad))
+    empty = tmp_path / "model"
+    empty.mkdir()
+    assert_clean_error(*run_cli(["ask", "--model", str(empty), "--no-progress"]), "cannot load the model")
+
+
+# --------------------------------------------------------------------------- eval
+
+EVAL_SMALL = ["eval", "--lengths", "32", "--n", "1", "--ps", "0.5", "--no-progress"]
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+
+
+@needs_matplotlib
+def test_eval_writes_every_result_file(tmp_path):
+    out = tmp_path / "ev"
+    code, stdout, err = run_cli([*EVAL_SMALL, "--out", str(out)])
+    assert code == 0, err
+    rows = _rows(out)
+    variants = ["dense", "top_p@0.5", "top_k@0.5", "ratio@0.5", "top_p@0.5-nocomp"]
+    assert sorted({r["variant"] for r in rows}) == sorted(variants)
+    assert len(rows) == 3 * len(variants)  # 3 tasks x 1 item x 5 variants
+    for r in rows:
+        assert r["num_frames"] == 32 and r["flops_dense"] > 0 and 0 <= r["pred"] < 4
+    for name in ("summary.csv", "summary.md", "accuracy_vs_flops.png", "eval_config.json"):
+        assert (out / name).is_file(), name
+    assert (out / "accuracy_vs_flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| dense |" in stdout and "Wrote " in stdout
+    cfg = json.loads((out / "eval_config.json").read_text())
+    assert [v["name"] for v in cfg["variants"]] == variants
+    # a second run finds everything done: nothing is added
+    code, _, err = run_cli([*EVAL_SMALL, "--out", str(out)])
+    assert code == 0, err
+    assert len(_rows(out)) == len(rows)
+
+
+def test_eval_resumes_after_interruption(tmp_path, monkeypatch):
+    out = tmp_path / "ev"
+    argv = [*EVAL_SMALL, "--families", "top_p", "--out", str(out), "--no-plot"]
+    real = eval_command.make_answer_fn
+    calls = {"n": 0}
+
+    def dying(*args, **kwargs):
+        fn = real(*args, **kwargs)
+
+        def answer(item, variant):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise KeyboardInterrupt  # a kill in the middle of the run
+            return fn(item, variant)
+
+        return answer
+
+    monkeypatch.setattr(eval_command, "make_answer_fn", dying)
+    code, _, err = run_cli(argv)
+    assert code == 130
+    assert "run the same command again to resume" in err
+    assert len(_rows(out)) == 3
+    # a torn last line (a write cut short by the kill) is discarded, not duplicated
+    with open(out / "results.jsonl", "a") as f:
+        f.write('{"item_id": "test-ordering-00032f-s1", "vari')
+    monkeypatch.setattr(eval_command, "make_answer_fn", real)
+    code, _, err = run_cli(argv)
+    assert code == 0, err
+    rows = _rows(out)
+    pairs = [(r["item_id"], r["variant"]) for r in rows]
+    assert len(pairs) == len(set(pairs)) == 3 * 2  # every pair exactly once
+    assert (out / "summary.md").is_file() and not (out / "accuracy_vs_flops.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["eval", "--lengths", "33"], "--lengths"),
+        (["eval", "--lengths", "32", "32"], "duplicate"),
+        (["eval", "--ps", "0.5", "0.5"], "duplicate"),
+        (["eval", "--model", "/no/such/dir"], "--model"),
+        (["eval", "--data", "/no/such/dir"], "--data"),
+    ],
+)
+def test_eval_bad_input(argv, needle, tmp_path):
+    assert_clean_error(*run_cli([*argv, "--out", str(tmp_path / "o"), "--no-progress"]), needle)
+
+
+def test_eval_usage_errors():
+    code, _, err = run_cli(["eval", "--ps", "1.5"])
+    assert code == 2 and "usage: adaspark eval" in err

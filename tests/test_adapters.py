@@ -372,20 +372,32 @@ def test_llava_bad_inputs_are_clear_errors(llava):
     inputs = build_llava_onevision_inputs([1], num_frames=OV_FRAMES, seed=7)
     ids = inputs["input_ids"].clone()
     ids[0, int((ids[0] == TINY_IDS["video"]).nonzero()[-1])] = 42  # drop the newline placeholder
-    with patch(llava, AdaSparkConfig(p=0.5, cube=CUBE)):
-        with pytest.raises(ValueError, match="grid and token count do not match"):
-            llava(**dict(inputs, input_ids=ids))
-        with pytest.raises(ValueError, match="chunked prefill"):
-            llava.generate(**inputs, max_new_tokens=2, do_sample=False, prefill_chunk_size=16)
+    with (
+        patch(llava, AdaSparkConfig(p=0.5, cube=CUBE)),
+        pytest.raises(ValueError, match="grid and token count do not match"),
+    ):
+        llava(**dict(inputs, input_ids=ids))
     with pytest.raises(ValueError, match="images_as_video"):
         patch(llava, AdaSparkConfig(images_as_video=True))
 
 
 @torch.inference_mode()
-def test_qwen3_chunked_prefill_is_refused(qwen3):
-    inputs = build_qwen3_vl_inputs([Q3_GRIDS[0]], seed=8)
-    with patch(qwen3, AdaSparkConfig(p=0.5)), pytest.raises(ValueError, match="chunked prefill"):
-        qwen3.generate(**inputs, max_new_tokens=2, do_sample=False, prefill_chunk_size=16)
+@pytest.mark.parametrize("family", ["qwen3_vl", "llava_onevision"])
+def test_chunked_prefill_runs_sparse(family, qwen3, llava):
+    if family == "llava_onevision":
+        model, inputs = llava, build_llava_onevision_inputs([1], num_frames=OV_FRAMES, seed=7)
+    else:
+        model, inputs = qwen3, build_qwen3_vl_inputs([Q3_GRIDS[0]], seed=8)
+    kw = dict(max_new_tokens=3, do_sample=False, prefill_chunk_size=16)
+    ref = model.generate(**inputs, **kw)
+    with patch(model, AdaSparkConfig(p=1.0, cube=CUBE, backend="gather", dense_fallback=None)):
+        assert torch.equal(model.generate(**inputs, **kw), ref)
+    with patch(model, AdaSparkConfig(p=0.5, cube=CUBE)) as h:
+        out = model.generate(**inputs, **kw)
+        rep = h.report()
+    assert out.shape == ref.shape
+    assert rep.decode_steps > 2 and rep.sparse_decode_steps == rep.decode_steps
+    assert rep.layers[0].attn_density < 1.0
 
 
 # ---------------------------------------------------------------------------------------------- segmented

@@ -74,6 +74,9 @@ class Report:
     ``flops_*`` include the vision encoder and the LM head; ``llm_flops_*`` are the decoder layers
     only (the paper's 57% is about the LLM). ``saved = 1 - flops_sparse / flops_dense`` with the
     FLOPs the kernels really executed; ``saved_ideal`` uses the pairs the semantics keep.
+    ``decode_steps`` counts the forwards that continued a KV cache (decode steps, draft
+    verification, later prefill chunks), ``sparse_decode_steps`` those of them in which at least
+    one layer ran AdaS-Attn's sparse path (not dense attention).
     """
 
     layers: list[LayerReport]
@@ -88,6 +91,8 @@ class Report:
     tokens: int
     video_tokens: int
     forward_calls: int
+    decode_steps: int = 0
+    sparse_decode_steps: int = 0
 
     @property
     def saved(self) -> float:
@@ -128,7 +133,8 @@ class Report:
     def summary(self) -> str:
         """A short human-readable account."""
         lines = [
-            f"tokens {self.tokens} (video {self.video_tokens}), forward calls {self.forward_calls}",
+            f"tokens {self.tokens} (video {self.video_tokens}), forward calls {self.forward_calls} "
+            f"(decode steps {self.decode_steps}, sparse {self.sparse_decode_steps})",
             f"FLOPs dense {self.flops_dense:.3e}  AdaSpark {self.flops_sparse:.3e}  saved {self.saved:.1%} "
             f"(ideal {self.saved_ideal:.1%}; decoder only {self.llm_saved:.1%})",
         ]

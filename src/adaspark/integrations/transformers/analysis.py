@@ -45,7 +45,7 @@ from adaspark.core.analysis import (
 )
 from adaspark.core.layout import Layout, build_layout
 from adaspark.integrations.transformers import attention as attn_backend
-from adaspark.ops.attention import dense_causal_attention
+from adaspark.integrations.transformers import compat
 from adaspark.ops.attention.common import AttentionStats, select_block
 from adaspark.ops.attention.units import cube_unit_probs, select_units
 from adaspark.ops.cubes import CubeIndex, build_cube_index, cube_mean_keys
@@ -308,11 +308,11 @@ class _AttentionTap:
         self.inner = inner
         self.callback = callback
 
-    def attention(self, module, q, k, v, key_valid, scaling):
+    def attention(self, module, q, k, v, key_valid, scaling, **kw):
         if self.inner is None:
-            out = dense_causal_attention(q, k, v, scale=scaling, key_mask=key_valid)
+            out = attn_backend.dense_attention(q, k, v, scaling, key_valid, **kw)
         else:
-            out = self.inner.attention(module, q, k, v, key_valid, scaling)
+            out = self.inner.attention(module, q, k, v, key_valid, scaling, **kw)
         scale = float(scaling) if scaling is not None else q.shape[-1] ** -0.5
         with torch.no_grad():
             self.callback(int(module.layer_idx), q.detach(), k.detach(), key_valid, scale)
@@ -330,11 +330,11 @@ def record_attention(model: torch.nn.Module, callback: AttentionCallback) -> Ite
     layers = decoder_layers(model)
     attn_backend.register()
     tc = _text_config(model)
-    previous_impl = tc._attn_implementation
+    previous_impl = compat.attn_implementation(tc)
     routes = getattr(attn_backend, "_ROUTES", {})
     saved = []
     try:
-        tc._attn_implementation = attn_backend.ATTN_NAME
+        compat.set_attn_implementation(tc, attn_backend.ATTN_NAME)
         for layer in layers:
             module = layer.self_attn
             inner = routes.get(module)
@@ -347,7 +347,7 @@ def record_attention(model: torch.nn.Module, callback: AttentionCallback) -> Ite
                 attn_backend.unroute(module)
             else:
                 attn_backend.route(module, inner)
-        tc._attn_implementation = previous_impl
+        compat.set_attn_implementation(tc, previous_impl)
 
 
 @contextlib.contextmanager

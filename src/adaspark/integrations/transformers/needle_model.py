@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from adaspark.config import AdaSparkConfig
+from adaspark.integrations.transformers import compat
 
 if TYPE_CHECKING:  # pragma: no cover
     from adaspark.bench.needle import NeedleItem
@@ -412,14 +413,15 @@ def run_model(model, inputs: dict, options_ids, config: AdaSparkConfig | None) -
     with torch.inference_mode(), adaspark.patch(model, cfg) as handle:
         start = time.perf_counter()
         out = model(**kwargs, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = compat.output_cache(out)
+        cache_kw = compat.cache_keyword(model)
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
         scores = []
         for ids in options_ids:
             logp = [first[ids[0]]]
             if len(ids) > 1:
                 cont = torch.tensor([ids[:-1]], dtype=torch.long, device=kwargs["input_ids"].device)
-                step = model(input_ids=cont, past_key_values=cache, use_cache=True)
+                step = model(input_ids=cont, use_cache=True, **{cache_kw: cache})
                 lp = torch.log_softmax(step.logits[0].float(), dim=-1)
                 logp += [lp[j, ids[j + 1]] for j in range(len(ids) - 1)]
                 cache.crop(-(len(ids) - 1))

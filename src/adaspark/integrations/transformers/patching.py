@@ -5,20 +5,33 @@ What :func:`patch` changes, all per instance and undone by ``handle.remove()``:
 * the text config's attention implementation becomes ``"adaspark"`` (registered in
   ``AttentionInterface`` and ``AttentionMaskInterface``); each decoder attention module is routed
   to this model's state;
-* the family's adapter (``adaspark.integrations.transformers.adapters``) hooks the place where the
-  video layout can be read (Qwen-VL: the M-RoPE index, ``get_rope_index``; LLaVA-OneVision: the
-  backbone's inputs) — this also works inside ``generate``, which drops the video inputs later on;
+* a forward pre-hook on the multimodal backbone reads the video layout from the call's own inputs
+  (through the family's adapter, ``adaspark.integrations.transformers.adapters``), and ``generate``
+  is wrapped on the instance so that the layout of its prompt is read from *its* inputs (generate
+  pre-encodes the video and drops the grids before the first forward);
+* pre/post hooks on the language model open one :class:`_Forward` per forward: which sequence
+  (KV cache) it continues, from which offset, with which cube ids;
 * each sparse layer's MLP gets an instance-level ``forward`` running AdaS-FFN, and a pre-hook on
   its ``post_attention_layernorm`` captures the residual stream that ranks the tokens;
 * hooks count the vision modules' FLOPs (``FlopCounterMode``) and the LM head's.
 
 No parameter, buffer or state-dict key is touched.
+
+How a forward finds its layout. A *sequence* is what one KV cache holds: its cube ids and the cube
+mean keys of every layer. A forward that continues a filled cache uses that cache's sequence (a
+cache the patch never saw is an error, never a silent dense run). A forward that starts afresh
+(no cache, or an empty one) takes the layout of the latest *prompt* — the inputs of the running
+``generate`` call, or of the last forward that came with its video grids — when its ids begin with
+that prompt's ids (repeated per sample for beams and ``num_return_sequences``) and the tokens after
+it are text (draft tokens of assisted decoding, tokens generated without a cache); a forward that
+covers only the start of the prompt is the first chunk of a chunked prefill. A fresh forward with
+video tokens and no such prompt is an error.
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -26,16 +39,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from adaspark.config import AdaSparkConfig
 from adaspark.core.accounting import LayerDims, LayerReport, Report, layer_flops
-from adaspark.core.layout import Layout
+from adaspark.core.layout import VIDEO, Layout
 from adaspark.integrations.transformers import attention as attn_backend
+from adaspark.integrations.transformers import compat
 from adaspark.integrations.transformers.adapters import (
     SUPPORTED_MODEL_TYPES,
     ModelAdapter,
     ModelParts,
     get_adapter,
 )
-from adaspark.integrations.transformers.adapters.base import set_instance_attr
-from adaspark.ops.attention import AttentionStats, cube_sparse_attention, dense_causal_attention
+from adaspark.integrations.transformers.adapters.base import bind_call, set_instance_attr
+from adaspark.ops.attention import AttentionStats, cube_sparse_attention, reference_attention_mask
 from adaspark.ops.cubes import CubeIndex, build_cube_index, cube_mean_keys
 from adaspark.ops.ffn import FFNStats, cube_sparse_ffn, token_scores
 
@@ -47,29 +61,92 @@ _PATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: vision module -> {call key: FLOPs} measured once with FlopCounterMode
 _VISION_FLOPS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
+#: the inputs of the patched ``generate`` calls running now, innermost last (an assistant model's
+#: own ``generate`` runs inside the main model's and sees its prompt without the video grids)
+_RUNNING_GENERATES: list[dict] = []
+
+
+def _eager(fn):
+    """Run ``fn`` outside any ``torch.compile`` graph (a compiled ``generate`` calls the hooks)."""
+    return torch.compiler.disable(fn, recursive=True)
+
+
+@dataclass
+class _Prompt:
+    """Token ids and cube layout of the prompt the next fresh forwards start with."""
+
+    input_ids: torch.Tensor
+    layout: Layout
+
 
 @dataclass
 class _Sequence:
-    """One prefilled batch of sequences: its layout, cube index and cached cube mean keys."""
+    """What one KV cache holds: cube ids up to the last video token, cube index, mean keys."""
 
-    input_ids: torch.Tensor | None
     layout: Layout | None
     cube_ids: torch.Tensor
     index: CubeIndex
-    mean_keys: dict
+    #: layer -> cube mean keys of the complete cubes (filled once every video token is in the cache)
+    mean_keys: dict = field(default_factory=dict)
+
+    @property
+    def video_end(self) -> int:
+        return int(self.cube_ids.shape[1])
+
+    @classmethod
+    def build(cls, layout: Layout | None, bsz: int, device) -> _Sequence:
+        if layout is None:
+            ids = torch.full((bsz, 0), -1, dtype=torch.long, device=device)
+        else:
+            ids = layout.cube_ids.to(device)
+            video = (ids >= 0).any(dim=0).nonzero()
+            end = int(video.max()) + 1 if video.numel() else 0
+            ids = ids[:, :end]
+        return cls(layout=layout, cube_ids=ids, index=build_cube_index(ids))
+
+    def cube_ids_for(self, bsz: int, nk: int) -> torch.Tensor:
+        """Cube ids of the first ``nk`` positions (text, i.e. -1, past the last video token)."""
+        if self.cube_ids.shape[0] != bsz:
+            raise ValueError(
+                f"AdaSpark: batch size changed from {self.cube_ids.shape[0]} to {bsz} within one sequence"
+            )
+        n0 = self.video_end
+        if nk <= n0:
+            return self.cube_ids[:, :nk]
+        return torch.cat([self.cube_ids, self.cube_ids.new_full((bsz, nk - n0), -1)], dim=1)
+
+    def index_for(self, nk: int) -> CubeIndex:
+        return self.index if nk >= self.video_end else build_cube_index(self.cube_ids[:, :nk])
 
 
-def _past_length(past_key_values) -> int:
-    if past_key_values is None:
-        return 0
-    try:
-        return int(past_key_values.get_seq_length())
-    except (AttributeError, TypeError):
-        return 0
+@dataclass
+class _Forward:
+    """One language-model forward: the sequence it extends and where its tokens start."""
+
+    seq: _Sequence
+    offset: int
+    length: int
+    bsz: int
+    #: layer -> residual stream entering its FFN sub-layer
+    residual: dict = field(default_factory=dict)
+    #: some layer of this forward ran AdaS-Attn's sparse path
+    ran_sparse: bool = False
+    _ffn_ids: torch.Tensor | None = None
+    _ffn_index: CubeIndex | None = None
+
+    def ffn_ids(self, device) -> tuple[torch.Tensor, CubeIndex | None]:
+        """Cube ids of this forward's own tokens (and their index when any is video)."""
+        if self._ffn_ids is None:
+            ids = self.seq.cube_ids_for(self.bsz, self.offset + self.length)[:, self.offset :]
+            if self.offset:  # a later prefill chunk: its cubes, numbered from 0
+                ids = _renumber(ids)
+            self._ffn_ids = ids.to(device)
+            self._ffn_index = build_cube_index(self._ffn_ids) if bool((ids >= 0).any()) else None
+        return self._ffn_ids, self._ffn_index
 
 
 class _State:
-    """Per-model AdaSpark state: current layout, cached cube mean keys, counters."""
+    """Per-model AdaSpark state: the prompt, the sequences of the KV caches, the forward, counters."""
 
     def __init__(self, config: AdaSparkConfig, parts: ModelParts, adapter: ModelAdapter) -> None:
         self.config = config
@@ -89,18 +166,16 @@ class _State:
         self.dense_layers = {i for i in range(n_layers) if config.is_dense_layer(i, n_layers)}
         self.attn_policy = config.attn_policy()
         self.ffn_policy = config.ffn_policy()
-        self.pending: tuple[torch.Tensor, Layout] | None = None
-        #: the sequence being processed: layout, cube index and cached mean keys
-        self.seq: _Sequence | None = None
-        #: KV cache -> the sequence it holds (decoding picks the sequence by its cache)
+        self.prompt: _Prompt | None = None
+        #: KV cache -> the sequence it holds
         self.caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self.residual: dict[int, torch.Tensor] = {}
-        self.offset = 0
+        #: the sequence of the last forward (the layout ``handle.layout`` shows)
+        self.seq: _Sequence | None = None
+        self.fwd: _Forward | None = None
         self.in_generate = False
-        #: the running ``generate`` call prefills in chunks (``prefill_chunk_size``)
-        self.chunked_prefill = False
-        self._fwd_ids: torch.Tensor | None = None
-        self._expect_video = False
+        #: the multimodal forward running now: its input ids, whether its new tokens hold video
+        self._vl_ids: torch.Tensor | None = None
+        self._vl_video = False
         #: vision module -> (its FlopCounterMode or None, its call key) while it runs
         self._vision_calls: dict[int, tuple[FlopCounterMode | None, tuple | None]] = {}
         self.reset_stats()
@@ -114,157 +189,225 @@ class _State:
         self.vision_flops = 0.0
         self.lm_head_flops = 0.0
         self.calls = 0
+        self.decode_steps = 0
+        self.sparse_decode_steps = 0
 
     def sparse_ffn_layer(self, i: int) -> bool:
         return self.config.sparse_ffn and i not in self.dense_layers
 
-    # ---------------------------------------------------------------- layout
-    def set_pending(self, input_ids: torch.Tensor, layout: Layout) -> None:
-        """Called by the adapter's layout capture: the layout of the prefill ``input_ids`` to come."""
-        self.pending = (input_ids, layout)
+    # ---------------------------------------------------------------- layout of prompts
+    def set_prompt(self, captured) -> None:
+        if captured is not None:
+            ids, layout = captured
+            self.prompt = _Prompt(ids, layout)
 
-    def on_generate(self, kwargs: dict) -> None:
-        """Start of a ``generate`` call: one report covers it (prefill and every decode step)."""
+    def on_generate(self, args: tuple, kwargs: dict, generate) -> None:
+        """Start of a ``generate`` call: one report covers it; its prompt's layout is read here."""
         self.reset_stats()
-        gc = kwargs.get("generation_config") or getattr(self.parts.model, "generation_config", None)
-        chunk = kwargs.get("prefill_chunk_size", getattr(gc, "prefill_chunk_size", None))
-        self.chunked_prefill = chunk is not None
+        bound = bind_call(generate, args, kwargs)
+        bound = {**bound.pop("kwargs", {}), **bound}
+        if bound.get("input_ids") is None and isinstance(bound.get("inputs"), torch.Tensor):
+            bound["input_ids"] = bound["inputs"]
+        self.set_prompt(self.adapter.layout_from_call(self, self.parts, bound))
+        return bound
 
     def on_vl_forward(self, module, args, kwargs) -> None:
-        past = _past_length(kwargs.get("past_key_values"))
+        bound = bind_call(module.forward, args, kwargs)
+        bound = {**bound.pop("kwargs", {}), **bound}
+        past = compat.cache_length(compat.find_cache(args, kwargs))
         if past == 0 and not self.in_generate:
             self.reset_stats()  # a new call
         self.calls += 1
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        types = kwargs.get("mm_token_type_ids")
+        if past > 0:
+            self.decode_steps += 1
+        ids = bound.get("input_ids")
+        self._vl_ids = ids
         p = self.parts
-        self._fwd_ids = input_ids
-        expect = (input_ids is not None and bool((input_ids == p.video_token_id).any())) or (
-            types is not None and bool((types == 2).any())
-        )
-        if self.config.images_as_video:
-            expect = expect or (input_ids is not None and bool((input_ids == p.image_token_id).any()))
-        self._expect_video = expect
+        video = ids is not None and bool((ids == p.video_token_id).any())
+        types = bound.get("mm_token_type_ids")
+        emb = bound.get("inputs_embeds")
+        n = ids.shape[-1] if ids is not None else (emb.shape[1] if isinstance(emb, torch.Tensor) else 0)
+        if isinstance(types, torch.Tensor) and n:
+            # the types of this call's own tokens (generate hands a cached step the last ones only)
+            video = video or bool((types[..., -n:] == VIDEO).any())
+        if self.config.images_as_video and ids is not None:
+            video = video or bool((ids == p.image_token_id).any())
+        self._vl_video = video
+        if past == 0 and not (self.in_generate and ids is not None and self._match_one(self.prompt, ids, n)):
+            # (a forward of the running generate over its prompt, or a first prefill chunk of it,
+            # is described by generate's inputs; a chunk alone cannot be read)
+            self.set_prompt(self.adapter.layout_from_call(self, p, bound))
 
+    def _match_prompt(self, ids: torch.Tensor | None, n: int) -> Layout | None:
+        """The layout of the prompt a fresh forward over ``ids`` starts with, if any.
+
+        This model's latest prompt first, then those of the ``generate`` calls around this one (an
+        assistant model drafting for a main model), read with this model's own adapter and config.
+        """
+        found = self._match_one(self.prompt, ids, n)
+        for bound in reversed(_RUNNING_GENERATES):
+            if found is not None:
+                break
+            try:
+                captured = self.adapter.layout_from_call(self, self.parts, bound)
+            except ValueError:
+                captured = None
+            if captured is not None:
+                found = self._match_one(_Prompt(*captured), ids, n)
+        return found
+
+    def _match_one(self, pr: _Prompt | None, ids: torch.Tensor | None, n: int) -> Layout | None:
+        if pr is None or ids is None or ids.shape[0] % pr.input_ids.shape[0]:
+            return None
+        reps = ids.shape[0] // pr.input_ids.shape[0]
+        want = pr.input_ids.to(ids.device)
+        if reps > 1:
+            want = want.repeat_interleave(reps, dim=0)
+        n0 = want.shape[1]
+        m = min(n, n0)
+        if not torch.equal(ids[:, :m], want[:, :m]):
+            return None
+        if n > n0:
+            tail = ids[:, n0:]
+            p = self.parts
+            if bool(((tail == p.video_token_id) | (tail == p.image_token_id)).any()):
+                return None  # new visual tokens after the prompt: not this prompt's layout
+        return pr.layout if reps == 1 else pr.layout.repeat_samples(reps)
+
+    # ---------------------------------------------------------------- one forward
     def on_lm_forward(self, module, args, kwargs) -> None:
+        impl = compat.attn_implementation(self.parts.text_config)
+        if impl != attn_backend.ATTN_NAME:
+            raise RuntimeError(
+                f"AdaSpark: the attention implementation of this patched model was changed to {impl!r} "
+                "after adaspark.patch(), which would run AdaS-FFN without AdaS-Attn; call handle.remove() "
+                "before set_attn_implementation(...), and patch again afterwards"
+            )
         emb = kwargs.get("inputs_embeds")
         ref = emb if emb is not None else kwargs.get("input_ids", args[0] if args else None)
         bsz, n = ref.shape[:2]
-        cache = kwargs.get("past_key_values")
-        self.residual = {}
-        if _past_length(cache):
+        cache = compat.find_cache(args, kwargs)
+        past = compat.cache_length(cache)
+        ids = self._vl_ids if self._vl_ids is not None and self._vl_ids.shape[:2] == (bsz, n) else None
+        self._vl_ids = None
+        if past:
             seq = self.caches.get(cache)
             if seq is None:
-                raise ValueError(
-                    "AdaSpark: past_key_values was not filled by a prefill of this patched model, so the "
-                    "video layout of its tokens is unknown; run the prefill with AdaSpark on"
+                raise compat.compat_error(
+                    f"this forward continues a KV cache of {past} tokens ({type(cache).__name__}) that no "
+                    "forward of this patched model filled, so the video layout of its tokens is unknown; "
+                    "run the prefill with AdaSpark on"
                 )
-            if seq is not self.seq and not self.in_generate:
-                self.reset_stats()  # continuing another sequence: a new call
-                self.calls = 1
+            covered = 0 if seq.layout is None else seq.layout.cube_ids.shape[1]
+            if self._vl_video and past + n > covered and ids is not None:
+                new = ids[:, max(0, covered - past) :]
+                if bool((new == self.parts.video_token_id).any()):
+                    raise ValueError(
+                        "AdaSpark cannot add video tokens to a filled KV cache that holds another prompt: "
+                        "a video must be part of the prompt's prefill"
+                    )
             self.seq = seq
+            self.fwd = _Forward(seq=seq, offset=past, length=n, bsz=bsz)
             return
-        self.seq = self._new_sequence(bsz, n, ref.device)
+        layout = self._match_prompt(ids, n)
+        if layout is None and self._vl_video:
+            raise compat.compat_error(
+                "the sequence holds video tokens but the video layout could not be read from this call "
+                f"or from the running generate() call ({self.adapter.name}). {self.adapter.layout_hint}"
+            )
+        if layout is not None and layout.cube_ids.shape[0] != bsz:
+            raise ValueError(
+                f"AdaSpark: the prompt has {layout.cube_ids.shape[0]} samples but the forward {bsz}"
+            )
+        seq = _Sequence.build(layout, bsz, ref.device)
+        self.seq = seq
+        self.fwd = _Forward(seq=seq, offset=0, length=n, bsz=bsz)
         if cache is not None:
-            self.caches[cache] = self.seq
+            self.caches[cache] = seq
 
     def on_lm_output(self, module, args, kwargs, output) -> None:
-        cache = getattr(output, "past_key_values", None)
-        if cache is not None and self.seq is not None and cache not in self.caches:
-            self.caches[cache] = self.seq
-
-    def _new_sequence(self, bsz: int, n: int, device) -> _Sequence:
-        """Resolve the layout of a prefill of ``bsz × n`` tokens."""
-        ids = self._fwd_ids
-        layout = None
-        pend_ids, pend_layout = self.pending if self.pending is not None else (None, None)
-        if pend_layout is not None and ids is not None and ids.shape[0] % pend_ids.shape[0] == 0:
-            reps = ids.shape[0] // pend_ids.shape[0]
-            want = pend_ids.to(ids.device)
-            if reps > 1:
-                want = want.repeat_interleave(reps, dim=0)
-            if want.shape == ids.shape and torch.equal(want, ids):
-                # the ids the M-RoPE index was computed for (expanded by generate for
-                # num_return_sequences / beams)
-                layout = pend_layout if reps == 1 else pend_layout.repeat_samples(reps)
-        if layout is None and self.seq is not None and self.seq.input_ids is not None and ids is not None:
-            prev = self.seq.input_ids
-            n0 = prev.shape[1]
-            tail = ids[:, n0:]
-            if (
-                prev.shape[0] == bsz
-                and n0 <= n
-                and torch.equal(ids[:, :n0], prev.to(ids.device))
-                and not bool(
-                    ((tail == self.parts.video_token_id) | (tail == self.parts.image_token_id)).any()
-                )
-                and self.seq.layout is not None
-            ):
-                # the previous sequence plus text (generate without a cache re-runs the whole prompt)
-                layout = self.seq.layout.extend_to(n)
-        if layout is None and self._expect_video:
-            if pend_ids is not None and pend_ids.shape[1] > n:
-                raise ValueError(
-                    "AdaSpark does not support chunked prefill (generate(prefill_chunk_size=...)): "
-                    f"the prompt has {pend_ids.shape[1]} tokens but this forward got {n}"
-                )
-            raise ValueError(
-                "AdaSpark could not capture the video layout of this input: the sequence holds video "
-                f"tokens but the {self.adapter.name} model did not receive what describes them. "
-                f"{self.adapter.layout_hint}"
-            )
-        self.pending = None
-        cube_ids = (
-            layout.cube_ids.to(device)
-            if layout is not None
-            else torch.full((bsz, n), -1, dtype=torch.long, device=device)
-        )
-        return _Sequence(
-            input_ids=ids, layout=layout, cube_ids=cube_ids, index=build_cube_index(cube_ids), mean_keys={}
-        )
+        cache = compat.output_cache(output)
+        if cache is not None and self.fwd is not None and cache not in self.caches:
+            self.caches[cache] = self.fwd.seq
 
     @property
     def layout(self) -> Layout | None:
         return None if self.seq is None else self.seq.layout
 
-    def cube_ids_for(self, bsz: int, nk: int, device) -> torch.Tensor:
-        seq = self.seq
-        if seq is None:
-            return torch.full((bsz, nk), -1, dtype=torch.long, device=device)
-        if seq.cube_ids.shape[0] != bsz:
-            raise ValueError(
-                f"AdaSpark: batch size changed from {seq.cube_ids.shape[0]} to {bsz} within one sequence"
-            )
-        n0 = seq.cube_ids.shape[1]
-        if nk < n0:
-            raise ValueError(f"AdaSpark: key length {nk} is shorter than the prefilled sequence {n0}")
-        if nk == n0:
-            return seq.cube_ids
-        return torch.cat([seq.cube_ids, seq.cube_ids.new_full((bsz, nk - n0), -1)], dim=1)
-
-    def has_cubes(self) -> bool:
-        return self.seq is not None and self.seq.index.max_cubes > 0
+    def _forward(self) -> _Forward:
+        if self.fwd is None:
+            raise compat.compat_error("a decoder layer ran outside a language-model forward")
+        return self.fwd
 
     # ---------------------------------------------------------------- compute
-    def attention(self, module, q, k, v, key_valid, scaling):
+    def attention(self, module, q, k, v, key_valid, scaling, *, segments=None, want_weights=False):
         li = int(module.layer_idx)
+        fwd = self._forward()
         bsz, _, nq, _ = q.shape
         nk = k.shape[2]
+        if nk != fwd.offset + nq:
+            raise compat.compat_error(
+                f"layer {li} got {nk} keys for {nq} queries after a cache of {fwd.offset} tokens: the KV "
+                "cache seen by the attention is not the one the forward was given"
+            )
         self.rows[li] += bsz * nq
-        self.offset = nk - nq
         st = self.attn_stats[li]
         cfg = self.config
-        if li in self.dense_layers or not cfg.sparse_attn or not self.has_cubes():
-            return dense_causal_attention(q, k, v, scale=scaling, key_mask=key_valid, stats=st)
-        cube_ids = self.cube_ids_for(bsz, nk, q.device)
-        seq = self.seq
-        mk = seq.mean_keys.get(li)
-        if mk is None:
+        seq = fwd.seq
+        if li in self.dense_layers or not cfg.sparse_attn or seq.index.max_cubes == 0:
+            return attn_backend.dense_attention(
+                q, k, v, scaling, key_valid, segments=segments, want_weights=want_weights, stats=st
+            )
+        cube_ids = seq.cube_ids_for(bsz, nk)
+        if segments is not None:
+            fwd.ran_sparse = True
+            return attn_backend.per_segment(
+                lambda qs, ks, vs, kv, s, e: self._sparse(
+                    qs, ks, vs, _renumber(cube_ids[:, s:e]), kv, scaling, st, want_weights=want_weights
+                ),
+                q,
+                k,
+                v,
+                key_valid,
+                segments,
+                want_weights,
+            )
+        if nk >= seq.video_end:
+            mk = seq.mean_keys.get(li)
+            if mk is None:
+                with torch.no_grad():
+                    mk = cube_mean_keys(k, seq.index)
+                seq.mean_keys[li] = mk
+                st.mean_key_tokens += int((seq.cube_ids >= 0).sum())
+            index = seq.index
+        else:  # a chunk of a chunked prefill: the cubes so far, their keys so far
+            index = seq.index_for(nk)
             with torch.no_grad():
-                mk = cube_mean_keys(k, seq.index)
-            seq.mean_keys[li] = mk
-            st.mean_key_tokens += int((seq.cube_ids >= 0).sum())
-        return cube_sparse_attention(
+                mk = cube_mean_keys(k, index)
+            st.mean_key_tokens += int((cube_ids >= 0).sum())
+        if fwd.offset and not fwd.ran_sparse:
+            self.sparse_decode_steps += 1
+        fwd.ran_sparse = True
+        return self._sparse(q, k, v, cube_ids, key_valid, scaling, st, mk, index, want_weights)
+
+    def _sparse(self, q, k, v, cube_ids, key_valid, scaling, st, mk=None, index=None, want_weights=False):
+        cfg = self.config
+        if want_weights:
+            # inspection: the reference path, and the probabilities of what it attended
+            out = cube_sparse_attention(
+                q, k, v, cube_ids, policy=self.attn_policy, scale=scaling, key_mask=key_valid,
+                backend="reference", mean_keys=mk, index=index, stats=st, granularity=cfg.granularity,
+            )  # fmt: skip
+            keep = reference_attention_mask(
+                q, k, cube_ids, policy=self.attn_policy, scale=scaling,
+                key_mask=key_valid, mean_keys=mk, index=index, granularity=cfg.granularity,
+            )  # fmt: skip
+            w = attn_backend.causal_weights(q, k, scaling, keep=keep, key_valid=key_valid)
+            return out, w.to(q.dtype)
+        backend = cfg.backend
+        if backend == "flex" and q.shape[2] != k.shape[2]:
+            backend = "auto"  # flex is a prefill kernel: new tokens after a cache take auto's path
+        out = cube_sparse_attention(
             q,
             k,
             v,
@@ -272,29 +415,34 @@ class _State:
             policy=self.attn_policy,
             scale=scaling,
             key_mask=key_valid,
-            backend=cfg.backend,
+            backend=backend,
             mean_keys=mk,
-            index=seq.index,
+            index=index,
             stats=st,
             query_block=cfg.query_block,
             granularity=cfg.granularity,
             dense_fallback=cfg.dense_fallback,
         )
+        return out, None
+
+    def keep_residual(self, li: int, x: torch.Tensor) -> None:
+        if self.fwd is not None:
+            self.fwd.residual[li] = x
 
     def ffn(self, li: int, dense_forward, h: torch.Tensor) -> torch.Tensor:
-        x = self.residual.pop(li, None)
+        fwd = self.fwd
+        x = None if fwd is None else fwd.residual.pop(li, None)
         bsz, n = h.shape[:2]
         st = self.ffn_stats[li]
-        ids = None
-        if x is not None and self.has_cubes() and h.dim() == 3:
-            ids = self.cube_ids_for(bsz, self.offset + n, h.device)[:, self.offset : self.offset + n]
-            if not bool((ids >= 0).any()):
+        ids = index = None
+        if x is not None and h.dim() == 3 and fwd.seq.index.max_cubes > 0 and n == fwd.length:
+            ids, index = fwd.ffn_ids(h.device)
+            if index is None:
                 ids = None
         if ids is None:
             st.tokens += bsz * n
             st.ffn_rows += bsz * n
             return dense_forward(h)
-        index = self.seq.index if (self.offset == 0 and n == self.seq.index.seq_len) else None
         return cube_sparse_ffn(
             h,
             dense_forward,
@@ -377,7 +525,21 @@ class _State:
             tokens=self.rows[0] if self.num_layers else 0,
             video_tokens=self.layout.num_video_tokens if self.layout is not None else 0,
             forward_calls=self.calls,
+            decode_steps=self.decode_steps,
+            sparse_decode_steps=self.sparse_decode_steps,
         )
+
+
+def _renumber(cube_ids: torch.Tensor) -> torch.Tensor:
+    """Cube ids of a slice renumbered ``0 .. C-1`` per row (in order of appearance), -1 kept."""
+    out = cube_ids.clone()
+    for b in range(cube_ids.shape[0]):
+        row = cube_ids[b]
+        vid = row >= 0
+        if bool(vid.any()):
+            _, inv = torch.unique(row[vid], return_inverse=True)
+            out[b, vid] = inv
+    return out
 
 
 class _SparseMLPForward:
@@ -441,6 +603,22 @@ class AdaSparkHandle:
         return f"AdaSparkHandle({status}, {self.config!r})"
 
 
+def _check_structure(parts: ModelParts, adapter: ModelAdapter) -> None:
+    """Every module a hook goes on exists (else the patch would silently do less)."""
+    missing = []
+    for i, layer in enumerate(parts.layers):
+        for name in ("self_attn", "mlp", "post_attention_layernorm"):
+            if not isinstance(getattr(layer, name, None), torch.nn.Module):
+                missing.append(f"layers[{i}].{name}")
+        if not hasattr(getattr(layer, "self_attn", None), "layer_idx"):
+            missing.append(f"layers[{i}].self_attn.layer_idx")
+    if missing:
+        raise compat.compat_error(
+            f"the {adapter.name} decoder lacks what AdaSpark hooks into: {', '.join(missing[:4])}"
+        )
+    compat.cache_keyword(parts.language_model)
+
+
 def patch(model: torch.nn.Module, config: AdaSparkConfig | None = None) -> AdaSparkHandle:
     """Switch AdaSpark on for a supported Video-LLM (prefill and decoding).
 
@@ -457,6 +635,12 @@ def patch(model: torch.nn.Module, config: AdaSparkConfig | None = None) -> AdaSp
 
     Returns:
         An :class:`AdaSparkHandle`.
+
+    Raises:
+        ValueError: an unsupported model or an option the family cannot honour.
+        TransformersCompatError: the installed transformers lacks a surface AdaSpark needs (the
+            message names the version and the tested range; outside that range ``patch`` also warns
+            once).
     """
     if config is None:
         config = AdaSparkConfig()
@@ -465,6 +649,8 @@ def patch(model: torch.nn.Module, config: AdaSparkConfig | None = None) -> AdaSp
     adapter = get_adapter(model)
     parts = adapter.find_parts(model)
     adapter.check(config, parts)
+    compat.check_version()
+    _check_structure(parts, adapter)
     n_layers = len(parts.layers)
     bad = [i for i in config.dense_layers if not -n_layers <= i < n_layers]
     if bad:
@@ -477,34 +663,37 @@ def patch(model: torch.nn.Module, config: AdaSparkConfig | None = None) -> AdaSp
     undo: list = []
 
     tc = parts.text_config
-    prev_impl = tc._attn_implementation
-    tc._attn_implementation = attn_backend.ATTN_NAME
-    undo.append(lambda: setattr(tc, "_attn_implementation", prev_impl))
+    prev_impl = compat.attn_implementation(tc)
+    compat.set_attn_implementation(tc, attn_backend.ATTN_NAME)
+    undo.append(lambda: compat.set_attn_implementation(tc, prev_impl))
 
     hooks = [
-        parts.vl.register_forward_pre_hook(state.on_vl_forward, with_kwargs=True),
-        parts.language_model.register_forward_pre_hook(state.on_lm_forward, with_kwargs=True),
-        parts.language_model.register_forward_hook(state.on_lm_output, with_kwargs=True),
+        parts.vl.register_forward_pre_hook(_eager(state.on_vl_forward), with_kwargs=True),
+        parts.language_model.register_forward_pre_hook(_eager(state.on_lm_forward), with_kwargs=True),
+        parts.language_model.register_forward_hook(_eager(state.on_lm_output), with_kwargs=True),
     ]
     adapter.install(state, parts, undo, hooks)
     for module in parts.vision:
-        hooks.append(module.register_forward_pre_hook(state.vision_pre, with_kwargs=True))
-        hooks.append(module.register_forward_hook(state.vision_post, with_kwargs=True, always_call=True))
+        hooks.append(module.register_forward_pre_hook(_eager(state.vision_pre), with_kwargs=True))
+        hooks.append(
+            module.register_forward_hook(_eager(state.vision_post), with_kwargs=True, always_call=True)
+        )
     if isinstance(parts.lm_head, torch.nn.Linear):
-        hooks.append(parts.lm_head.register_forward_hook(state.lm_head_post))
+        hooks.append(parts.lm_head.register_forward_hook(_eager(state.lm_head_post)))
 
     gen = getattr(model, "generate", None)
-    if callable(gen) and hasattr(model, "_prepare_position_ids_for_generation"):
+    if callable(gen):
         original_generate = gen
 
         def generate(*args, **kwargs):
-            state.on_generate(kwargs)
+            bound = state.on_generate(args, kwargs, original_generate)
             state.in_generate = True
+            _RUNNING_GENERATES.append(bound)
             try:
                 return original_generate(*args, **kwargs)
             finally:
                 state.in_generate = False
-                state.chunked_prefill = False
+                _RUNNING_GENERATES.remove(bound)
 
         set_instance_attr(model, "generate", generate, undo)
 
@@ -517,11 +706,12 @@ def patch(model: torch.nn.Module, config: AdaSparkConfig | None = None) -> AdaSp
         mlp = layer.mlp
 
         def keep_residual(module, args, i=i):
-            state.residual[i] = args[0]
+            state.keep_residual(i, args[0])
 
-        hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(keep_residual))
+        hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(_eager(keep_residual)))
         dense_forward = mlp.__dict__.get("forward", partial(type(mlp).forward, mlp))
-        set_instance_attr(mlp, "forward", _SparseMLPForward(state, i, dense_forward), undo)
+        sparse_forward = _SparseMLPForward(state, i, dense_forward)
+        set_instance_attr(mlp, "forward", _eager(sparse_forward.__call__), undo)
     undo.extend(h.remove for h in hooks)
     handle = AdaSparkHandle(state, undo)
     _PATCHED[model] = handle

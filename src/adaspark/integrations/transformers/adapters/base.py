@@ -6,8 +6,9 @@ FLOPs counters. An adapter only answers the family-specific questions:
 
 * :meth:`ModelAdapter.find_parts` — the multimodal backbone, its language model and decoder layers,
   the vision modules (for FLOPs), the LM head and the placeholder token ids;
-* :meth:`ModelAdapter.install` — where the video layout (which LM tokens are video, their cube ids)
-  is captured, handing it to the mechanism with ``state.set_pending(input_ids, layout)``;
+* :meth:`ModelAdapter.layout_from_call` — the video layout (which LM tokens are video, their cube
+  ids) of a call's inputs: the backbone's forward or ``generate`` (both take what the processor
+  returns); None when the call does not describe a video;
 * :meth:`ModelAdapter.check` — configuration options the family cannot honour.
 """
 
@@ -93,8 +94,17 @@ class ModelAdapter(ABC):
         """The modules AdaSpark hooks into; ``ValueError`` when the structure is not the expected one."""
 
     @abstractmethod
+    def layout_from_call(self, state, parts: ModelParts, bound: dict):
+        """``(input_ids, Layout)`` of a call's inputs (``bound``: its arguments by name), or None.
+
+        ``bound`` are the arguments of the backbone's ``forward`` or of ``generate``. None when they
+        do not describe a video (no grids, no pixel values); ``ValueError`` when they describe one
+        that does not fit the tokens.
+        """
+
     def install(self, state, parts: ModelParts, undo: list, hooks: list) -> None:
-        """Hook the layout capture into the model; append undo callables / hook handles."""
+        """Family-specific hooks beyond the shared ones (default: none); append undo / hook handles."""
+        return None
 
     def check(self, config: AdaSparkConfig, parts: ModelParts) -> None:
         """Raise ``ValueError`` for options this family cannot honour (default: none)."""

@@ -8,23 +8,22 @@ video. The prompt therefore holds ``F·ceil(s/2)² + 1`` ``<video>`` placeholder
 AdaSpark cubes the first ``F·ceil(s/2)²`` on the grid ``(F, ceil(s/2), ceil(s/2))`` and leaves the
 newline token non-video.
 
-There is no M-RoPE index to hook (positions are plain 1D), so the layout is read from the
-backbone's own inputs in a forward pre-hook: the placeholder tokens of ``input_ids`` and the frame
-count of ``pixel_values_videos`` (or of the pre-encoded ``mm_encoder_outputs`` that ``generate``
-passes instead). The language model is Qwen2, so attention and MLP patching are the shared ones.
+The layout is read from a call's own inputs (the backbone's forward, or ``generate``): the
+placeholder tokens of ``input_ids`` and the frame count of ``pixel_values_videos`` (or of the
+pre-encoded ``mm_encoder_outputs`` that ``generate`` passes instead), else of the placeholder runs.
+The language model is Qwen2, so attention and MLP patching are the shared ones.
 Images (AnyRes tiles with a newline per row) stay dense; ``images_as_video`` is not supported.
 """
 
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 
 from adaspark.config import AdaSparkConfig
 from adaspark.core.layout import TEXT, VIDEO, token_types_from_ids
-from adaspark.integrations.transformers.adapters.base import ModelAdapter, ModelParts, bind_call
+from adaspark.integrations.transformers.adapters.base import ModelAdapter, ModelParts
 from adaspark.integrations.transformers.layouts import build_segmented_layout
 
 __all__ = ["LLAVA_ONEVISION", "LlavaOnevisionAdapter"]
@@ -73,12 +72,8 @@ class LlavaOnevisionAdapter(ModelAdapter):
         pooled = math.ceil(side / 2)
         return pooled, pooled
 
-    def install(self, state, parts: ModelParts, undo: list, hooks: list) -> None:
-        hook = partial(self._capture, state, parts)
-        hooks.append(parts.vl.register_forward_pre_hook(hook, with_kwargs=True))
-
-    def _capture(self, state, parts: ModelParts, module, args, kwargs) -> None:
-        bound = bind_call(module.forward, args, kwargs)
+    def layout_from_call(self, state, parts: ModelParts, bound: dict):
+        """The layout of the ``<video>`` placeholders in ``bound["input_ids"]`` (None without any)."""
         input_ids = bound.get("input_ids")
         if input_ids is None:
             if bound.get("pixel_values_videos") is not None:
@@ -86,7 +81,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
                     "AdaSpark needs `input_ids` to locate the video tokens of LLaVA-OneVision "
                     "(got inputs_embeds with pixel_values_videos)"
                 )
-            return
+            return None
         types = token_types_from_ids(
             input_ids, image_token_id=parts.image_token_id, video_token_id=parts.video_token_id
         )
@@ -97,33 +92,18 @@ class LlavaOnevisionAdapter(ModelAdapter):
             mask = mask[:, -input_ids.shape[1] :]  # with a cache the mask also covers the cached tokens
             types = types.masked_fill(mask == 0, TEXT)
         if not bool((types == VIDEO).any()):
-            return
-        chunked = (
-            "AdaSpark does not support chunked prefill (generate(prefill_chunk_size=...)) of a video prompt"
-        )
-        cache = bound.get("past_key_values")
-        if cache is not None and getattr(cache, "get_seq_length", lambda: 0)() > 0:
-            if state.chunked_prefill:
-                raise ValueError(f"{chunked}: a later chunk holds video tokens")
-            raise ValueError(
-                "AdaSpark cannot add video tokens to a filled KV cache: a video must be in the prefill"
-            )
+            return None
         h, w = self.frame_grid(parts)
-        try:
-            frames = self._frames_per_video(bound, types, h * w)
-            layout = build_segmented_layout(
-                types,
-                [(f, h, w) for f in frames],
-                cube=state.config.cube,
-                attention_mask=mask,
-                video_trailing_tokens=1,
-                grid_source=f"the video frames (F, {h}, {w}) with a newline token,",
-            )
-        except ValueError as err:
-            if state.chunked_prefill:
-                raise ValueError(f"{chunked}: a chunk ends inside a video ({err})") from err
-            raise
-        state.set_pending(input_ids, layout)
+        frames = self._frames_per_video(bound, types, h * w)
+        layout = build_segmented_layout(
+            types,
+            [(f, h, w) for f in frames],
+            cube=state.config.cube,
+            attention_mask=mask,
+            video_trailing_tokens=1,
+            grid_source=f"the video frames (F, {h}, {w}) with a newline token,",
+        )
+        return input_ids, layout
 
     @staticmethod
     def _frames_per_video(bound: dict, types: torch.Tensor, per_frame: int) -> list[int]:

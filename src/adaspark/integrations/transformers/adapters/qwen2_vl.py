@@ -1,31 +1,27 @@
-"""Qwen2-VL and Qwen2.5-VL: the layout is captured where the M-RoPE index is computed.
+"""Qwen2-VL and Qwen2.5-VL: the layout is read from the processor outputs a call receives.
 
 Each video is one run of ``T·(H/m)·(W/m)`` ``<|video_pad|>`` tokens between ``<|vision_start|>`` and
-``<|vision_end|>`` (m = spatial merge size). ``get_rope_index`` receives exactly what the layout
-needs (``mm_token_type_ids``, ``video_grid_thw``, ``image_grid_thw``, ``attention_mask``), also
-inside ``generate``, which later drops ``video_grid_thw``; so its instance attribute is wrapped.
+``<|vision_end|>`` (m = spatial merge size). The processor outputs (``input_ids``,
+``mm_token_type_ids``, ``video_grid_thw``, ``image_grid_thw``, ``attention_mask``) say everything
+the layout needs; the shared mechanism hands them over from ``generate`` (which pre-encodes the
+video and passes no grids to the forwards) and from every forward that comes with its grids. The
+layout is built and checked before the model runs, so a grid / token-count mismatch gets our clear
+error instead of a shape error from inside the M-RoPE computation.
 """
 
 from __future__ import annotations
-
-from functools import partial
 
 import torch
 
 from adaspark.config import AdaSparkConfig
 from adaspark.core.layout import Layout, build_layout, token_types_from_ids
-from adaspark.integrations.transformers.adapters.base import (
-    ModelAdapter,
-    ModelParts,
-    bind_call,
-    set_instance_attr,
-)
+from adaspark.integrations.transformers.adapters.base import ModelAdapter, ModelParts
 
 __all__ = ["QWEN2_5_VL", "QWEN2_VL", "QwenVLAdapter"]
 
 
 class QwenVLAdapter(ModelAdapter):
-    """Qwen-VL families whose backbone has ``get_rope_index`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)."""
+    """Qwen-VL families (Qwen2-VL, Qwen2.5-VL; Qwen3-VL subclasses it): a ``visual`` tower and grids."""
 
     layout_hint = (
         "Pass `mm_token_type_ids` and `video_grid_thw` as the Qwen processor returns them (without "
@@ -38,7 +34,7 @@ class QwenVLAdapter(ModelAdapter):
         self.class_names = class_names
 
     def find_parts(self, model: torch.nn.Module) -> ModelParts:
-        vl = self._backbone(model, "get_rope_index")
+        vl = self._backbone(model, "visual")
         lm = self._language_model(vl)
         cfg = model.config
         visual = getattr(vl, "visual", None)
@@ -58,35 +54,27 @@ class QwenVLAdapter(ModelAdapter):
         vcfg = getattr(parts.model.config, "vision_config", None)
         return int(getattr(vcfg, "spatial_merge_size", 2))
 
-    def install(self, state, parts: ModelParts, undo: list, hooks: list) -> None:
-        original = parts.vl.get_rope_index
-        capture = partial(self._capture_rope_call, state, parts, original)
-        set_instance_attr(parts.vl, "get_rope_index", capture, undo)
+    def layout_from_call(self, state, parts: ModelParts, bound: dict):
+        """The layout of the processor outputs in ``bound`` (None without video/image grids).
 
-    def _capture_rope_call(self, state, parts: ModelParts, original, *args, **kwargs):
-        """Wrapper body of ``get_rope_index``: the cube layout first, then the positions.
-
-        The layout is built (and checked) first, so that a grid / token-count mismatch gets our
-        clear error instead of a shape error from inside the M-RoPE computation.
+        The token types come from ``mm_token_type_ids`` when it covers ``input_ids`` (the processor
+        returns it), else from the placeholder ids.
         """
-        bound = bind_call(original, args, kwargs)
         input_ids = bound.get("input_ids")
-        if input_ids is not None:
-            types = bound.get("mm_token_type_ids")
-            if types is None:
-                types = token_types_from_ids(
-                    input_ids, image_token_id=parts.image_token_id, video_token_id=parts.video_token_id
-                )
-            layout = self.build_layout(
-                types,
-                bound.get("video_grid_thw"),
-                bound.get("image_grid_thw"),
-                bound.get("attention_mask"),
-                state.config,
-                self.merge_size(parts),
+        video_grid = bound.get("video_grid_thw")
+        image_grid = bound.get("image_grid_thw")
+        if not isinstance(input_ids, torch.Tensor) or (video_grid is None and image_grid is None):
+            return None
+        types = bound.get("mm_token_type_ids")
+        if not isinstance(types, torch.Tensor) or types.shape != input_ids.shape:
+            types = token_types_from_ids(
+                input_ids, image_token_id=parts.image_token_id, video_token_id=parts.video_token_id
             )
-            state.set_pending(input_ids, layout)
-        return original(*args, **kwargs)
+        mask = bound.get("attention_mask")
+        if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
+            mask = None
+        layout = self.build_layout(types, video_grid, image_grid, mask, state.config, self.merge_size(parts))
+        return input_ids, layout
 
     def build_layout(
         self,

@@ -2,8 +2,8 @@
 
 The Qwen3-VL processor writes a video of ``grid_thw = (T, H, W)`` patches as ``T`` groups, one per
 temporal slice: ``<t seconds>`` text, ``<|vision_start|>``, ``(H/m)·(W/m)`` ``<|video_pad|>`` tokens,
-``<|vision_end|>``. ``get_rope_index`` receives the per-video grids (it splits them into slices
-itself), so the layout is captured there as for Qwen2.5-VL, but read with
+``<|vision_end|>``. ``video_grid_thw`` holds the per-video grids, so the layout is read from the
+processor outputs as for Qwen2.5-VL, but with
 :func:`~adaspark.integrations.transformers.layouts.build_segmented_layout`: each video keeps one
 ``(T, H/m, W/m)`` cube grid across the text between its slices, and that text stays non-video.
 

@@ -9,8 +9,9 @@ Backends (all exact: same mask as the reference, errors within 2× PyTorch's own
   its group keeps are gathered; one SDPA call with the group's heads stacked;
 * ``gather`` – cube-major blocks, kept key blocks gathered per GQA group, one SDPA per block;
 * ``flex`` – compiled ``flex_attention`` with a ``BlockMask`` from the selection (prefill);
-* ``auto`` – dense SDPA when the policy keeps everything, ``decode`` for up to 64 new tokens after a
-  cache (``blocked`` for more),
+* ``auto`` – dense SDPA when the policy keeps everything (only ``auto`` takes this short cut: a
+  backend chosen by name runs its own kernel at ``p = 1`` too), ``decode`` for up to 64 new tokens
+  after a cache (``blocked`` for more; ``gather`` for video queries at cube granularity),
   ``flex`` for prefill from 4096 tokens on CUDA and on CPU (bfloat16, float32) when a C++ compiler
   is there, ``gather`` otherwise. (The gather loop was meant for float32 on CPU; measured against
   flex with 64-token blocks it lost in float32 too — see the README's benchmark section.)
@@ -42,6 +43,7 @@ from adaspark.ops.selection import SelectionPolicy, as_policy
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "BACKEND_GRANULARITIES",
     "GRANULARITIES",
     "SELECT_BLOCK",
     "AttentionStats",
@@ -66,6 +68,18 @@ ATTENTION_BACKENDS = {
     "decode": cube_sparse_attention_decode,
     "gather": cube_sparse_attention_gather,
     "flex": cube_sparse_attention_flex,
+}
+
+#: the selection granularities each backend implements for video queries. ``blocked`` and
+#: ``decode`` select per token; they accept ``granularity="cube"`` only for calls without video
+#: queries (new text tokens after a cache), where both granularities coincide, and raise otherwise.
+BACKEND_GRANULARITIES: dict[str, tuple[str, ...]] = {
+    "auto": GRANULARITIES,
+    "reference": GRANULARITIES,
+    "blocked": ("token",),
+    "decode": ("token",),
+    "gather": GRANULARITIES,
+    "flex": GRANULARITIES,
 }
 
 
@@ -138,7 +152,9 @@ def cube_sparse_attention(
         policy: A :class:`~adaspark.ops.selection.SelectionPolicy` (top_p / top_k / ratio).
         scale: Score scale, default ``D ** -0.5``.
         key_mask: ``[B, Nk]`` bool, False for padding (padding queries return zeros).
-        backend: ``"auto"``, ``"reference"``, ``"blocked"``, ``"gather"`` or ``"flex"``.
+        backend: ``"auto"``, ``"reference"``, ``"blocked"``, ``"decode"``, ``"gather"`` or ``"flex"``.
+            Only ``"auto"`` runs dense SDPA when the policy keeps everything; a backend given by name
+            runs its own kernel at ``p = 1`` too (what the "p = 1 equals dense" tests rely on).
         mean_keys: Optional cached ``[B, Hkv, C, D]`` float32 cube mean keys (decoding).
         index: Optional precomputed :class:`~adaspark.ops.cubes.CubeIndex` of ``cube_ids``.
         stats: Optional :class:`AttentionStats` to accumulate densities and selection statistics.
@@ -178,6 +194,7 @@ def cube_sparse_attention(
         num_queries=nq,
     )
     pol = as_policy(p, policy)
+    # the dense short cut is auto's alone: a named backend must run its kernel (tests force it)
     if backend == "auto" and pol.keeps_all:
         check_attention_inputs(q, k, v, cube_ids, key_mask)
         return dense_causal_attention(q, k, v, scale=scale, key_mask=key_mask, stats=stats)

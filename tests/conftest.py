@@ -3,6 +3,13 @@
 Like flash-linear-attention's suite, freshly allocated float tensors are filled with NaN while the
 ops tests run (``nan_empty`` fixture), so a kernel that skips a block and leaves output unwritten
 fails loudly instead of passing with whatever memory held.
+
+The fixture poisons the uninitialised allocations (``torch.empty`` / ``empty_like`` /
+``empty_strided`` / ``Tensor.new_empty``). ``zeros`` / ``full`` are left alone on purpose: kernels
+use them where zeros are the meaning (padding rows, additive masks, counters). The rule for the ops
+is therefore that a kernel's *output* is allocated uninitialised and every element written;
+``nan_empty`` returns a recorder whose ``poisoned(out)`` tells whether a returned tensor lives in
+such an allocation, so a test can assert that the fixture really saw the kernel's output.
 """
 
 from __future__ import annotations
@@ -11,19 +18,42 @@ import pytest
 import torch
 
 
-@pytest.fixture
-def nan_empty(monkeypatch):
-    orig_empty, orig_empty_like, orig_new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+class PoisonRecorder:
+    """The allocations ``nan_empty`` filled with NaN (kept alive, so no address is reused)."""
 
-    def fill(t):
-        if t.is_floating_point():
+    def __init__(self) -> None:
+        self._tensors: list[torch.Tensor] = []
+        self._ptrs: set[int] = set()
+
+    def add(self, t: torch.Tensor) -> torch.Tensor:
+        # plain tensors only: torch.compile traces with fake / functional tensor subclasses
+        if type(t) is torch.Tensor and t.is_floating_point() and not torch.compiler.is_compiling():
             t.fill_(float("nan"))
+            if t.numel():
+                self._tensors.append(t)
+                self._ptrs.add(t.untyped_storage().data_ptr())
         return t
 
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(orig_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(orig_empty_like(*a, **k)))
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: fill(orig_new_empty(self, *a, **k)))
-    yield
+    def poisoned(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` (or the tensor it is a view of) was allocated while poisoned."""
+        return t.untyped_storage().data_ptr() in self._ptrs
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    rec = PoisonRecorder()
+    orig = {
+        "empty": torch.empty,
+        "empty_like": torch.empty_like,
+        "empty_strided": torch.empty_strided,
+    }
+    orig_new_empty = torch.Tensor.new_empty
+    for name, fn in orig.items():
+        monkeypatch.setattr(torch, name, lambda *a, _fn=fn, **k: rec.add(_fn(*a, **k)))
+    monkeypatch.setattr(
+        torch.Tensor, "new_empty", lambda self, *a, **k: rec.add(orig_new_empty(self, *a, **k))
+    )
+    yield rec
 
 
 def make_cube_ids(

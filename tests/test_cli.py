@@ -208,6 +208,58 @@ def test_invalid_p(p):
     assert_clean_error(code, out, err, "AdaSparkConfig.p")
 
 
+@pytest.mark.parametrize("backend", ["blocked", "decode"])
+def test_backend_without_cube_granularity_is_one_line(backend):
+    """``--backend blocked`` with the default (cube) granularity: the config names both settings."""
+    code, out, err = run_cli(["demo", "--backend", backend, "--no-progress"])
+    assert_clean_error(code, out, err, "AdaSparkConfig.backend", "AdaSparkConfig.granularity", repr(backend))
+    assert len(err.splitlines()) == 1
+
+
+def test_backend_blocked_with_token_granularity_runs():
+    code, out, err = run_cli(["demo", *TINY_SAMPLE, "--backend", "blocked", "--granularity", "token", *FAST])
+    assert code == 0, err
+    assert "token granularity, backend blocked" in out
+
+
+@pytest.mark.parametrize("command", ["ask", "demo", "eval", "analyze", "show"])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ValueError("bad value\nsecond line"),
+        FileNotFoundError(2, "No such file or directory", "/x/y.mp4"),
+        ImportError("No module named 'av'"),
+        PermissionError(13, "Permission denied", "/out"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_one_error_boundary_for_every_command(command, exc, monkeypatch):
+    """Bad input raised anywhere inside a command is one line and exit code 2, never a traceback."""
+    import importlib
+
+    module = importlib.import_module(f"adaspark.commands.{'ask' if command == 'demo' else command}")
+
+    def broken(args):
+        raise exc
+
+    monkeypatch.setattr(module, "run", broken)
+    code, out, err = run_cli([command])
+    assert_clean_error(code, out, err)
+    assert len(err.splitlines()) == 1
+    assert " ".join(str(exc).split()) in err
+
+
+def test_an_internal_error_keeps_its_traceback(monkeypatch):
+    from adaspark.commands import ask
+
+    def broken(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(ask, "run", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_cli(["demo"])
+
+
 def test_invalid_cube():
     code, out, err = run_cli(["demo", "--cube", "0", "4", "4"])
     assert_clean_error(code, out, err, "AdaSparkConfig.cube")

@@ -199,7 +199,10 @@ def cube_sparse_attention(
         check_attention_inputs(q, k, v, cube_ids, key_mask)
         return dense_causal_attention(q, k, v, scale=scale, key_mask=key_mask, stats=stats)
     if name == "flex" and nq != nk:
-        raise ValueError(f"the 'flex' backend runs prefill only (Nq == Nk), got Nq={nq}, Nk={nk}")
+        raise ValueError(
+            f"the 'flex' backend runs prefill only (Nq == Nk), got Nq={nq}, Nk={nk}: new tokens after a "
+            "cache need another backend ('auto' picks 'decode' or 'gather' for them)"
+        )
     if dense_fallback is not None and name in ("gather", "flex") and nk >= FLEX_MIN_TOKENS:
         if not (0.0 < dense_fallback <= 1.0):
             raise ValueError(f"dense_fallback must be None or in (0, 1], got {dense_fallback!r}")

@@ -70,3 +70,46 @@ def make_cube_ids(
             ids[b, start : start + local.numel()] = local + nxt
             nxt += int(local.max()) + 1
     return ids
+
+
+def causal_pairs(calls: list[tuple[int, int]]) -> int:
+    """Causal (query, key) pairs of forward calls given as ``(cached tokens, new tokens)``, batch 1."""
+    return sum(sum(cached + j for j in range(1, new + 1)) for cached, new in calls)
+
+
+def decode_attn_density(full: list[dict], prefill: list[dict], n_prompt: int, steps: list[tuple[int, int]]):
+    """Per-layer attention density of the calls after the prefill alone.
+
+    ``full`` / ``prefill``: the ``layers`` of a report (``Report.to_dict()``) covering the prefill plus
+    the later calls, and of the same prefill alone; ``steps``: the later calls as ``(cached tokens,
+    new tokens)``. A report's ``attn_density`` is attended / causal pairs over all calls, so the later
+    calls' share is ``(d_full · C_full − d_prefill · C_prefill) / (C_full − C_prefill)``.
+    """
+    c_pre = causal_pairs([(0, n_prompt)])
+    c_new = causal_pairs(steps)
+    return [
+        (f["attn_density"] * (c_pre + c_new) - p["attn_density"] * c_pre) / c_new
+        for f, p in zip(full, prefill, strict=True)
+    ]
+
+
+def ask_prefill(argv: list[str]) -> tuple[dict, int, list[tuple[int, int]]]:
+    """What ``adaspark ask ARGV`` runs, up to its prefill only: ``(report dict of the AdaSpark prefill,
+    prompt tokens, the option continuations as (cached, new) tokens)``, for :func:`decode_attn_density`."""
+    import adaspark
+    from adaspark import cli
+    from adaspark.commands import ask
+    from adaspark.integrations.transformers.needle_model import encode_prompt, option_token_ids
+
+    args = cli.build_parser().parse_args(argv)
+    config = ask._check(args)
+    model, tokenizer, settings = ask._load(args)
+    src = ask._source(args, settings)
+    inputs = encode_prompt(tokenizer, src["video"], src["question"], src["options"])
+    kwargs = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    n = int(kwargs["input_ids"].shape[1])
+    with torch.inference_mode(), adaspark.patch(model, config) as handle:
+        model(**kwargs, use_cache=True, logits_to_keep=1)
+        rep = handle.report().to_dict()
+    steps = [(n, len(ids) - 1) for ids in option_token_ids(tokenizer, src["options"]) if len(ids) > 1]
+    return rep, n, steps

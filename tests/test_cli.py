@@ -22,6 +22,8 @@ import pytest
 
 from adaspark import cli
 
+from conftest import ask_prefill, decode_attn_density
+
 pytest.importorskip("transformers")
 
 needs_av = pytest.mark.skipif(importlib.util.find_spec("av") is None, reason="PyAV not installed")
@@ -133,6 +135,24 @@ def test_demo_json_holds_the_numbers(demo_run):
     # written atomically: no temporary file left beside it, usual permissions
     assert [p.name for p in path.parent.iterdir()] == ["demo.json"]
     assert stat.S_IMODE(path.stat().st_mode) & 0o644 == 0o644
+
+
+def test_demo_saves_flops_and_decodes_sparse(demo_run):
+    """The feature is on: FLOPs saved well above zero, the report covers the prefill and every option's
+    continuation (decode steps after the cache), and those decode steps attended sparsely too."""
+    code, _, err, data, _ = demo_run
+    assert code == 0, err
+    rep = data["adaspark"]["report"]
+    assert rep["saved"] > 0.05, f"whole-model FLOPs saved {rep['saved']:.1%}"
+    assert rep["llm_saved"] > 0.05, f"decoder FLOPs saved {rep['llm_saved']:.1%}"
+    prefill, n, steps = ask_prefill(["demo", *TINY_SAMPLE, "--cube", "2", "2", "2"])
+    assert n == data["video"]["prompt_tokens"]
+    assert rep["forward_calls"] == 1 + len(steps) > 1  # the prefill and one continuation per option
+    assert rep["tokens"] == n + sum(m for _, m in steps)
+    for layer in rep["layers"]:
+        assert layer["attn_density"] < 1.0 and layer["ffn_active"] < 1.0, layer["index"]
+    decode = decode_attn_density(rep["layers"], prefill["layers"], n, steps)
+    assert all(0.0 < d < 1.0 for d in decode), f"decode-step attention density per layer: {decode}"
 
 
 def test_demo_at_p_1_matches_dense(capsys):

@@ -24,7 +24,11 @@ __all__ = ["build_parser", "main"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adaspark",
-        description="AdaSpark: adaptive sparsity for efficient long-video understanding (Qwen2.5-VL).",
+        description=(
+            "AdaSpark: adaptive sparsity for efficient long-video understanding with Video-LLMs "
+            "(adaspark.patch supports Qwen2.5-VL, Qwen2-VL, Qwen3-VL and LLaVA-OneVision; the commands "
+            "run the shipped Qwen2.5-VL needle model or a --model checkpoint)."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"adaspark {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

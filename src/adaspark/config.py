@@ -67,7 +67,8 @@ class AdaSparkConfig:
         images_as_video: Treat each image as a one-frame video (cubed, sparse). Default: images
             are non-video tokens (always attended, dense FFN).
         granularity: Granularity of the cube selection. ``"token"``: every query selects its own
-            cubes (the paper's formulation, SPEC.md's reference semantics). ``"cube"``: all video
+            cubes (the paper's formulation, the reference semantics of
+            :mod:`adaspark.ops.attention.reference`). ``"cube"``: all video
             queries of a cube share one set, the Top-p set of the average of their distributions;
             costs ~1/cube-size of the per-token selection and lets the kernels skip whole blocks
             (non-video queries still select per token).

@@ -403,7 +403,8 @@ def format_result(r: dict) -> str:
         "of the video tokens through the FFN (means over layers)."
     )
     lines.append(
-        f"Wall time: one prefill forward, median of {r['repeats']} interleaved runs each after a warm-up; "
+        f"Wall time: the prefill and the option continuations, median of {r['repeats']} interleaved runs "
+        "each after a warm-up; "
         "'ideal' counts only the attention pairs the AdaSpark semantics keep, the other figures what the "
         "kernels computed."
     )

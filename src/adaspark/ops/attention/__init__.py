@@ -13,8 +13,9 @@ Backends (all exact: same mask as the reference, errors within 2× PyTorch's own
   backend chosen by name runs its own kernel at ``p = 1`` too), ``decode`` for up to 64 new tokens
   after a cache (``blocked`` for more; ``gather`` for video queries at cube granularity),
   ``flex`` for prefill from 4096 tokens on CUDA and on CPU (bfloat16, float32) when a C++ compiler
-  is there, ``gather`` otherwise. (The gather loop was meant for float32 on CPU; measured against
-  flex with 64-token blocks it lost in float32 too — see the README's benchmark section.)
+  is there, ``gather`` otherwise. (The gather loop was meant for float32 on CPU; flex is preferred
+  there too. No results file backs that comparison: ``benchmarks/attention_speed.py --backends
+  gather flex`` measures it.)
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def cube_sparse_attention(
         stats: Optional :class:`AttentionStats` to accumulate densities and selection statistics.
         query_block: Block size of the chosen path (``None``: its default — 128 for ``blocked``,
             64 (one 4×4×4 cube) for ``gather`` and ``flex``).
-        granularity: ``"token"`` (SPEC.md's reference semantics) or ``"cube"``.
+        granularity: ``"token"`` (the reference semantics, :mod:`.reference`) or ``"cube"``.
         dense_fallback: With the block paths (``gather``/``flex``, also when ``auto`` picks them):
             if the kept blocks make up more than this fraction of the causal (query, key) pairs,
             run dense causal attention instead (the sparse kernel would not pay). Decided only from

@@ -280,6 +280,21 @@ def test_an_internal_error_keeps_its_traceback(monkeypatch):
         run_cli(["demo"])
 
 
+def test_an_internal_error_after_the_run_keeps_the_json(tmp_path, monkeypatch):
+    """A bug while printing still leaves the numbers on disk (the JSON is written first)."""
+    from adaspark.commands import ask
+
+    def broken(result):
+        raise RuntimeError("formatting bug")
+
+    monkeypatch.setattr(ask, "format_result", broken)
+    path = tmp_path / "r.json"
+    with pytest.raises(RuntimeError, match="formatting bug"):
+        run_cli(["demo", *TINY_SAMPLE, "--json", str(path), *FAST])
+    data = json.loads(path.read_text())
+    assert data["adaspark"]["report"]["forward_calls"] > 1
+
+
 def test_invalid_cube():
     code, out, err = run_cli(["demo", "--cube", "0", "4", "4"])
     assert_clean_error(code, out, err, "AdaSparkConfig.cube")

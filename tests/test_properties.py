@@ -1,10 +1,10 @@
 """Property tests (hypothesis): selection, cube index, layout and the attention/FFN ops on random inputs.
 
-Each test states an invariant of SPEC.md and lets hypothesis search small random grids, lengths,
-paddings and policies for a counterexample. Budgets are modest (``max_examples`` per test; about
-20 s of CPU for the file) and the example database is off (hypothesis still keeps a small cache in
-``.hypothesis/``, which ignores itself in git). The random tensors of a case are drawn from a seed
-inside the case, so a failure report stays a few lines long.
+Each test states an invariant of the semantics (documented in ``adaspark.ops``) and lets hypothesis
+search small random grids, lengths, paddings and policies for a counterexample. Budgets are modest
+(``max_examples`` per test; about 20 s of CPU for the file) and the example database is off
+(hypothesis still keeps a small cache in ``.hypothesis/``, which ignores itself in git). The random
+tensors of a case are drawn from a seed inside the case, so a failure report stays a few lines long.
 """
 
 from __future__ import annotations

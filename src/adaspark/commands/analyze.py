@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adaspark import __version__
-from adaspark.commands.errors import UsageError, fail
+from adaspark.commands.errors import BAD_INPUT, UsageError, fail
 
 __all__ = ["add_parser", "run"]
 
@@ -373,10 +373,9 @@ def progress_bar(total: int, disable: bool):
 
 
 def load_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input while loading (reported with exit code 2)."""
-    from adaspark.video import VideoDecodeError
-
-    return (VideoDecodeError, ValueError, FileNotFoundError, ImportError, OSError)
+    """Exceptions that mean bad input while loading (reported with exit code 2): the CLI's
+    :data:`~adaspark.commands.errors.BAD_INPUT` (``VideoDecodeError`` is a ``ValueError``)."""
+    return BAD_INPUT
 
 
 # ------------------------------------------------------------------------------------ output

@@ -3,6 +3,13 @@
 Like flash-linear-attention's suite, freshly allocated float tensors are filled with NaN while the
 ops tests run (``nan_empty`` fixture), so a kernel that skips a block and leaves output unwritten
 fails loudly instead of passing with whatever memory held.
+
+The fixture poisons the uninitialised allocations (``torch.empty`` / ``empty_like`` /
+``empty_strided`` / ``Tensor.new_empty``). ``zeros`` / ``full`` are left alone on purpose: kernels
+use them where zeros are the meaning (padding rows, additive masks, counters). The rule for the ops
+is therefore that a kernel's *output* is allocated uninitialised and every element written;
+``nan_empty`` returns a recorder whose ``poisoned(out)`` tells whether a returned tensor lives in
+such an allocation, so a test can assert that the fixture really saw the kernel's output.
 """
 
 from __future__ import annotations
@@ -11,19 +18,42 @@ import pytest
 import torch
 
 
-@pytest.fixture
-def nan_empty(monkeypatch):
-    orig_empty, orig_empty_like, orig_new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+class PoisonRecorder:
+    """The allocations ``nan_empty`` filled with NaN (kept alive, so no address is reused)."""
 
-    def fill(t):
-        if t.is_floating_point():
+    def __init__(self) -> None:
+        self._tensors: list[torch.Tensor] = []
+        self._ptrs: set[int] = set()
+
+    def add(self, t: torch.Tensor) -> torch.Tensor:
+        # plain tensors only: torch.compile traces with fake / functional tensor subclasses
+        if type(t) is torch.Tensor and t.is_floating_point() and not torch.compiler.is_compiling():
             t.fill_(float("nan"))
+            if t.numel():
+                self._tensors.append(t)
+                self._ptrs.add(t.untyped_storage().data_ptr())
         return t
 
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(orig_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(orig_empty_like(*a, **k)))
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: fill(orig_new_empty(self, *a, **k)))
-    yield
+    def poisoned(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` (or the tensor it is a view of) was allocated while poisoned."""
+        return t.untyped_storage().data_ptr() in self._ptrs
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    rec = PoisonRecorder()
+    orig = {
+        "empty": torch.empty,
+        "empty_like": torch.empty_like,
+        "empty_strided": torch.empty_strided,
+    }
+    orig_new_empty = torch.Tensor.new_empty
+    for name, fn in orig.items():
+        monkeypatch.setattr(torch, name, lambda *a, _fn=fn, **k: rec.add(_fn(*a, **k)))
+    monkeypatch.setattr(
+        torch.Tensor, "new_empty", lambda self, *a, **k: rec.add(orig_new_empty(self, *a, **k))
+    )
+    yield rec
 
 
 def make_cube_ids(
@@ -40,3 +70,46 @@ def make_cube_ids(
             ids[b, start : start + local.numel()] = local + nxt
             nxt += int(local.max()) + 1
     return ids
+
+
+def causal_pairs(calls: list[tuple[int, int]]) -> int:
+    """Causal (query, key) pairs of forward calls given as ``(cached tokens, new tokens)``, batch 1."""
+    return sum(sum(cached + j for j in range(1, new + 1)) for cached, new in calls)
+
+
+def decode_attn_density(full: list[dict], prefill: list[dict], n_prompt: int, steps: list[tuple[int, int]]):
+    """Per-layer attention density of the calls after the prefill alone.
+
+    ``full`` / ``prefill``: the ``layers`` of a report (``Report.to_dict()``) covering the prefill plus
+    the later calls, and of the same prefill alone; ``steps``: the later calls as ``(cached tokens,
+    new tokens)``. A report's ``attn_density`` is attended / causal pairs over all calls, so the later
+    calls' share is ``(d_full · C_full − d_prefill · C_prefill) / (C_full − C_prefill)``.
+    """
+    c_pre = causal_pairs([(0, n_prompt)])
+    c_new = causal_pairs(steps)
+    return [
+        (f["attn_density"] * (c_pre + c_new) - p["attn_density"] * c_pre) / c_new
+        for f, p in zip(full, prefill, strict=True)
+    ]
+
+
+def ask_prefill(argv: list[str]) -> tuple[dict, int, list[tuple[int, int]]]:
+    """What ``adaspark ask ARGV`` runs, up to its prefill only: ``(report dict of the AdaSpark prefill,
+    prompt tokens, the option continuations as (cached, new) tokens)``, for :func:`decode_attn_density`."""
+    import adaspark
+    from adaspark import cli
+    from adaspark.commands import ask
+    from adaspark.integrations.transformers.needle_model import encode_prompt, option_token_ids
+
+    args = cli.build_parser().parse_args(argv)
+    config = ask._check(args)
+    model, tokenizer, settings = ask._load(args)
+    src = ask._source(args, settings)
+    inputs = encode_prompt(tokenizer, src["video"], src["question"], src["options"])
+    kwargs = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    n = int(kwargs["input_ids"].shape[1])
+    with torch.inference_mode(), adaspark.patch(model, config) as handle:
+        model(**kwargs, use_cache=True, logits_to_keep=1)
+        rep = handle.report().to_dict()
+    steps = [(n, len(ids) - 1) for ids in option_token_ids(tokenizer, src["options"]) if len(ids) > 1]
+    return rep, n, steps

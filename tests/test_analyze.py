@@ -149,9 +149,7 @@ def _naive_layer(q, k, ids, thresholds, p_values, scale, valid=None):
     )
     first = [int((ids == j).nonzero()[0]) for j in range(c)]
     out = []
-    for i in range(n):
-        if not valid[i]:
-            continue
+    for i in valid.nonzero().flatten().tolist():  # padding queries have no statistics
         for h in range(hq):
             kh = h // g
             sc = [float(q[0, h, i].double() @ k[0, kh, j].double()) * scale for j in range(i + 1)]

@@ -83,6 +83,7 @@ def test_blocked_equals_reference(case, pol, nan_empty):
     ref = cube_sparse_attention_reference(q, k, v, ids, policy=pol, key_mask=km)
     for qb in (64, 128):
         out = cube_sparse_attention_blocked(q, k, v, ids, policy=pol, key_mask=km, query_block=qb)
+        assert nan_empty.poisoned(out), "the blocked kernel's output allocation escapes the NaN poison"
         assert not torch.isnan(out).any()
         torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
 

@@ -75,18 +75,16 @@ def _oracle(item: NeedleItem, frames: np.ndarray) -> int:
     sat = _saturated(frames)
     events: list[dict] = []
     t = 0
-    while t < len(frames):
-        if not sat[t].any():
-            t += 1
-            continue
+    while t < len(frames):  # runs of frames with the same saturated pixels
         start = t
         while t < len(frames) and np.array_equal(sat[t], sat[start]):
             t += 1
-        assert t == len(frames) or not sat[t].any(), "two needles touch in time"
-        kind, label, colour, _, _ = _identify(sat[start], frames[start], 56)
-        # A temporal patch (2 frames) always sees a needle whole: it starts on an even frame, lasts >= 2.
-        assert start % 2 == 0 and t - start >= 2
-        events.append({"kind": kind, "label": label, "colour": colour})
+        if sat[start].any():  # a needle (runs of plain haystack carry none)
+            assert t == len(frames) or not sat[t].any(), "two needles touch in time"
+            kind, label, colour, _, _ = _identify(sat[start], frames[start], 56)
+            # A temporal patch (2 frames) always sees a needle whole: it starts on an even frame, lasts >= 2.
+            assert start % 2 == 0 and t - start >= 2
+            events.append({"kind": kind, "label": label, "colour": colour})
     q = item.question
     if q == "What shape appeared in the video?":
         (e,) = events

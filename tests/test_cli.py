@@ -22,6 +22,8 @@ import pytest
 
 from adaspark import cli
 
+from conftest import ask_prefill, decode_attn_density
+
 pytest.importorskip("transformers")
 
 needs_av = pytest.mark.skipif(importlib.util.find_spec("av") is None, reason="PyAV not installed")
@@ -135,6 +137,24 @@ def test_demo_json_holds_the_numbers(demo_run):
     assert stat.S_IMODE(path.stat().st_mode) & 0o644 == 0o644
 
 
+def test_demo_saves_flops_and_decodes_sparse(demo_run):
+    """The feature is on: FLOPs saved well above zero, the report covers the prefill and every option's
+    continuation (decode steps after the cache), and those decode steps attended sparsely too."""
+    code, _, err, data, _ = demo_run
+    assert code == 0, err
+    rep = data["adaspark"]["report"]
+    assert rep["saved"] > 0.05, f"whole-model FLOPs saved {rep['saved']:.1%}"
+    assert rep["llm_saved"] > 0.05, f"decoder FLOPs saved {rep['llm_saved']:.1%}"
+    prefill, n, steps = ask_prefill(["demo", *TINY_SAMPLE, "--cube", "2", "2", "2"])
+    assert n == data["video"]["prompt_tokens"]
+    assert rep["forward_calls"] == 1 + len(steps) > 1  # the prefill and one continuation per option
+    assert rep["tokens"] == n + sum(m for _, m in steps)
+    for layer in rep["layers"]:
+        assert layer["attn_density"] < 1.0 and layer["ffn_active"] < 1.0, layer["index"]
+    decode = decode_attn_density(rep["layers"], prefill["layers"], n, steps)
+    assert all(0.0 < d < 1.0 for d in decode), f"decode-step attention density per layer: {decode}"
+
+
 def test_demo_at_p_1_matches_dense(capsys):
     """p = 1 keeps every cube and token: the answer and the letter logits must equal the dense model's
     (and the progress bar, on here, goes to stderr)."""
@@ -206,6 +226,73 @@ def test_more_frames_than_the_video_has(video):
 def test_invalid_p(p):
     code, out, err = run_cli(["demo", "--p", p])
     assert_clean_error(code, out, err, "AdaSparkConfig.p")
+
+
+@pytest.mark.parametrize("backend", ["blocked", "decode"])
+def test_backend_without_cube_granularity_is_one_line(backend):
+    """``--backend blocked`` with the default (cube) granularity: the config names both settings."""
+    code, out, err = run_cli(["demo", "--backend", backend, "--no-progress"])
+    assert_clean_error(code, out, err, "AdaSparkConfig.backend", "AdaSparkConfig.granularity", repr(backend))
+    assert len(err.splitlines()) == 1
+
+
+def test_backend_blocked_with_token_granularity_runs():
+    code, out, err = run_cli(["demo", *TINY_SAMPLE, "--backend", "blocked", "--granularity", "token", *FAST])
+    assert code == 0, err
+    assert "token granularity, backend blocked" in out
+
+
+@pytest.mark.parametrize("command", ["ask", "demo", "eval", "analyze", "show"])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ValueError("bad value\nsecond line"),
+        FileNotFoundError(2, "No such file or directory", "/x/y.mp4"),
+        ImportError("No module named 'av'"),
+        PermissionError(13, "Permission denied", "/out"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_one_error_boundary_for_every_command(command, exc, monkeypatch):
+    """Bad input raised anywhere inside a command is one line and exit code 2, never a traceback."""
+    import importlib
+
+    module = importlib.import_module(f"adaspark.commands.{'ask' if command == 'demo' else command}")
+
+    def broken(args):
+        raise exc
+
+    monkeypatch.setattr(module, "run", broken)
+    code, out, err = run_cli([command])
+    assert_clean_error(code, out, err)
+    assert len(err.splitlines()) == 1
+    assert " ".join(str(exc).split()) in err
+
+
+def test_an_internal_error_keeps_its_traceback(monkeypatch):
+    from adaspark.commands import ask
+
+    def broken(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(ask, "run", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_cli(["demo"])
+
+
+def test_an_internal_error_after_the_run_keeps_the_json(tmp_path, monkeypatch):
+    """A bug while printing still leaves the numbers on disk (the JSON is written first)."""
+    from adaspark.commands import ask
+
+    def broken(result):
+        raise RuntimeError("formatting bug")
+
+    monkeypatch.setattr(ask, "format_result", broken)
+    path = tmp_path / "r.json"
+    with pytest.raises(RuntimeError, match="formatting bug"):
+        run_cli(["demo", *TINY_SAMPLE, "--json", str(path), *FAST])
+    data = json.loads(path.read_text())
+    assert data["adaspark"]["report"]["forward_calls"] > 1
 
 
 def test_invalid_cube():

@@ -18,6 +18,8 @@ pytest.importorskip("av")
 from adaspark import cli
 from adaspark.commands import eval as eval_command
 
+from conftest import ask_prefill, decode_attn_density
+
 needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="no matplotlib")
 FAST = ["--repeats", "1", "--no-progress"]
 
@@ -81,6 +83,16 @@ def test_ask_on_a_user_video_file(needle_video, tmp_path):
     assert d["flops"] == d["flops_dense"] == s["flops_dense"]
     assert s["decoder_flops"] < d["decoder_flops"]
     assert s["report"]["saved"] == pytest.approx(1 - s["flops"] / s["flops_dense"])
+    # the feature is on: well above zero saved, and the option continuations (decode steps after the
+    # cache) are in the report and attended sparsely
+    rep = s["report"]
+    assert rep["saved"] > 0.05 and rep["llm_saved"] > 0.05, (rep["saved"], rep["llm_saved"])
+    argv = ["ask", str(path), item.question, "--options", *item.options, "--p", "0.3"]
+    prefill, n, steps = ask_prefill(argv)
+    assert rep["forward_calls"] == 1 + len(steps) > 1
+    assert rep["tokens"] == n + sum(m for _, m in steps)
+    decode = decode_attn_density(rep["layers"], prefill["layers"], n, steps)
+    assert all(0.0 < d < 1.0 for d in decode), f"decode-step attention density per layer: {decode}"
     # what is printed is what is stored
     saved = 1 - s["flops"] / d["flops"]
     assert f"whole model {saved:.1%}" in out
@@ -103,7 +115,9 @@ def test_ask_default_is_a_generated_sample():
     assert "How many times did the" in out
     assert "(correct answer: " in out
     assert re.search(r"Dense and AdaSpark give (the same|DIFFERENT) answers? \(dense (right|wrong)", out)
-    assert "FLOPs saved: whole model" in out
+    saved = re.search(r"FLOPs saved: whole model (-?[\d.]+)% .*decoder (-?[\d.]+)% ", out)
+    assert saved, out
+    assert float(saved[1]) > 5.0 and float(saved[2]) > 5.0, saved[0]
 
 
 def test_demo_is_ask_on_a_sample_and_p_1_matches_dense(tmp_path):

@@ -3,6 +3,8 @@ import dataclasses
 import pytest
 
 from adaspark import AdaSparkConfig
+from adaspark.config import BACKENDS, GRANULARITIES
+from adaspark.ops.attention import BACKEND_GRANULARITIES
 
 
 def test_defaults_and_overrides():
@@ -54,3 +56,24 @@ def test_max_cubes_not_below_min():
 def test_dense_layers_negative_indices():
     c = AdaSparkConfig(dense_layers=(0, -1))
     assert c.is_dense_layer(0, 4) and c.is_dense_layer(3, 4) and not c.is_dense_layer(1, 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_backend_granularity_pairs_the_kernels_refuse_are_rejected(backend, granularity):
+    """``blocked`` and ``decode`` select per token: with ``granularity="cube"`` they would fail on the
+    first prefill, so the config refuses the pair up front, naming both fields."""
+    if granularity in BACKEND_GRANULARITIES[backend]:
+        assert AdaSparkConfig(backend=backend, granularity=granularity).backend == backend
+    else:
+        with pytest.raises(ValueError) as e:
+            AdaSparkConfig(backend=backend, granularity=granularity)
+        msg = str(e.value)
+        assert "AdaSparkConfig.backend" in msg and "AdaSparkConfig.granularity" in msg
+        assert repr(backend) in msg and repr(granularity) in msg and "\n" not in msg
+
+
+def test_every_refused_pair_is_listed():
+    refused = {(b, g) for b in BACKENDS for g in GRANULARITIES if g not in BACKEND_GRANULARITIES[b]}
+    assert refused == {("blocked", "cube"), ("decode", "cube")}
+    assert set(BACKEND_GRANULARITIES) == set(BACKENDS)

@@ -7,6 +7,8 @@ import torch
 
 from adaspark.ops import AttentionStats, SelectionPolicy, cube_sparse_attention
 from adaspark.ops.attention import (
+    ATTENTION_BACKENDS,
+    BACKEND_GRANULARITIES,
     cube_sparse_attention_flex,
     cube_sparse_attention_gather,
     cube_sparse_attention_reference,
@@ -49,6 +51,7 @@ def test_gather_equals_reference(case, gran, pol, nan_empty):
         out = cube_sparse_attention_gather(
             q, k, v, ids, policy=pol, key_mask=km, granularity=gran, query_block=blk
         )
+        assert nan_empty.poisoned(out), "the gather kernel's output allocation escapes the NaN poison"
         assert not torch.isnan(out).any()
         torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
 
@@ -67,10 +70,8 @@ def test_flex_equals_reference(case, gran):
         torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["gather", "flex", "auto"])
+@pytest.mark.parametrize("backend", ["gather", pytest.param("flex", marks=needs_flex), "auto"])
 def test_p1_is_dense_on_every_path(backend):
-    if backend == "flex" and not flex_available("cpu"):
-        pytest.skip("no C++ compiler for flex")
     q, k, v, ids, km = make_case(CASES[4])
     dense = cube_sparse_attention_reference(q, k, v, ids, 1.0, key_mask=km)
     for gran in GRANS:
@@ -153,11 +154,9 @@ def test_cube_major_order_makes_cubes_contiguous():
     assert perm.tolist() == [0, 1, 2, 5, 6, 3, 4, 7, 8, 9, 10, 12, 11, 13, 14]
 
 
-@pytest.mark.parametrize("backend", ["gather", "flex"])
+@pytest.mark.parametrize("backend", ["gather", pytest.param("flex", marks=needs_flex)])
 @pytest.mark.parametrize("gran", GRANS)
 def test_stats_equal_brute_force(backend, gran):
-    if backend == "flex" and not flex_available("cpu"):
-        pytest.skip("no C++ compiler for flex")
     q, k, v, ids, km = make_case(CASES[4])
     st = AttentionStats(q.shape[1], q.shape[3])
     cube_sparse_attention(
@@ -174,10 +173,8 @@ def test_stats_equal_brute_force(backend, gran):
 
 
 @pytest.mark.parametrize("case", [CASES[3], CASES[5]], ids=["gqa", "two_videos_text"])
-@pytest.mark.parametrize("backend", ["gather", "flex"])
+@pytest.mark.parametrize("backend", ["gather", pytest.param("flex", marks=needs_flex)])
 def test_bf16_error_within_twice_pytorch(case, backend):
-    if backend == "flex" and not flex_available("cpu"):
-        pytest.skip("no C++ compiler for flex")
     q, k, v, ids, km = make_case(case, dtype=torch.bfloat16, seed=3)
     for gran in GRANS:
         truth = cube_sparse_attention_reference(
@@ -206,20 +203,34 @@ def test_gather_gradients_match_reference():
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("gran", GRANS)
-def test_new_tokens_after_a_cache(gran):
+#: (granularity, new tokens, backend) of the calls after a cache; the last 40 positions of the case
+#: hold video queries, which ``decode`` refuses at cube granularity (its own test below)
+AFTER_CACHE = [
+    (gran, m, be)
+    for gran in GRANS
+    for m in (1, 3, 40)
+    for be in ("auto", "gather", "decode")
+    if not (be == "decode" and gran == "cube" and m == 40)
+]
+
+
+@pytest.mark.parametrize(("gran", "m", "be"), AFTER_CACHE)
+def test_new_tokens_after_a_cache(gran, m, be):
     """Decoding (text queries) and a chunk with video queries, both against the reference."""
     q, k, v, ids, km = make_case(CASES[5], seed=7)
-    for m in (1, 3, 40):
-        qs = q[:, :, -m:]
-        ref = cube_sparse_attention_reference(qs, k, v, ids, 0.5, key_mask=km, granularity=gran)
-        for be in ("auto", "gather", "decode"):
-            if be == "decode" and gran == "cube" and m == 40:
-                with pytest.raises(ValueError, match="selects per token"):
-                    cube_sparse_attention(qs, k, v, ids, 0.5, key_mask=km, backend=be, granularity=gran)
-                continue
-            out = cube_sparse_attention(qs, k, v, ids, 0.5, key_mask=km, backend=be, granularity=gran)
-            torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    qs = q[:, :, -m:]
+    ref = cube_sparse_attention_reference(qs, k, v, ids, 0.5, key_mask=km, granularity=gran)
+    out = cube_sparse_attention(qs, k, v, ids, 0.5, key_mask=km, backend=be, granularity=gran)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+
+
+def test_decode_refuses_video_queries_at_cube_granularity():
+    q, k, v, ids, km = make_case(CASES[5], seed=7)
+    assert bool((ids[:, -40:] >= 0).any())
+    with pytest.raises(ValueError, match="selects per token"):
+        cube_sparse_attention(
+            q[:, :, -40:], k, v, ids, 0.5, key_mask=km, backend="decode", granularity="cube"
+        )
 
 
 def test_backend_resolution_and_errors():
@@ -284,3 +295,100 @@ def test_dense_fallback_runs_dense_attention_when_the_blocks_do_not_pay(backend,
     torch.testing.assert_close(out, exact, atol=2e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="dense_fallback"):
         cube_sparse_attention(q, k, v, ids, 0.5, backend=backend, dense_fallback=1.5)
+
+
+# --------------------------------------------------------------------------- p = 1 through every kernel
+def _dense_truth(q, k, v, km):
+    """Causal softmax attention in float64 (queries = the last Nq keys; padding rows and queries 0)."""
+    bsz, hq, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    kr = k.double().repeat_interleave(hq // hkv, 1)
+    vr = v.double().repeat_interleave(hq // hkv, 1)
+    s = q.double() @ kr.transpose(-1, -2) * q.shape[-1] ** -0.5
+    kpos = torch.arange(nk)
+    allowed = (kpos[None, :] <= kpos[nk - nq :, None])[None]  # [1, Nq, Nk]
+    valid = torch.ones(bsz, nk, dtype=torch.bool) if km is None else km
+    allowed = allowed & valid[:, None, :] & valid[:, nk - nq :, None]  # [B, Nq, Nk]
+    w = torch.softmax(s.masked_fill(~allowed[:, None], float("-inf")), -1).nan_to_num(0.0)
+    return w @ vr
+
+
+def _has_video_query(case, nq: int) -> bool:
+    ids = make_case(case)[3]
+    return bool((ids[:, ids.shape[1] - nq :] >= 0).any())
+
+
+def _p1_params():
+    """(case, backend, granularity, queries) for every kernel on every awkward shape: the whole
+    sequence (prefill; flex runs only this) and the last query (decoding). ``blocked`` and ``decode``
+    select per token; they take ``granularity="cube"`` exactly when no query is a video token."""
+    out = []
+    for case in CASES:
+        n = case[4]
+        for backend in ("reference", "blocked", "decode", "gather", "flex"):
+            marks = [needs_flex] if backend == "flex" else []
+            for nq in (n,) if backend == "flex" else sorted({n, 1}):
+                text_only = not _has_video_query(case, nq)
+                grans = [g for g in GRANS if g in BACKEND_GRANULARITIES[backend] or text_only]
+                out += [
+                    pytest.param(case, backend, gran, nq, marks=marks, id=f"{case[0]}-{backend}-{gran}-q{nq}")
+                    for gran in grans
+                ]
+    return out
+
+
+@pytest.mark.parametrize(("case", "backend", "gran", "nq"), _p1_params())
+def test_p1_equals_dense_through_the_kernel(case, backend, gran, nq, nan_empty, monkeypatch):
+    """p = 1 keeps every cube: the named kernel itself (never the dense short cut of ``auto``) must give
+    dense causal attention, with every output row written."""
+    import adaspark.ops.attention as attn
+
+    q, k, v, ids, km = make_case(case, seed=5)
+    q = q[:, :, q.shape[2] - nq :]
+    truth = _dense_truth(q, k, v, km)
+
+    def no_dense(*a, **kw):
+        raise AssertionError(f"backend={backend!r} took the dense short cut at p = 1")
+
+    monkeypatch.setattr(attn, "dense_causal_attention", no_dense)
+    st = AttentionStats(q.shape[1], q.shape[3])
+    kw = {"query_block": 32} if backend in ("gather", "flex") else {}
+    out = cube_sparse_attention(
+        q, k, v, ids, 1.0, key_mask=km, backend=backend, granularity=gran, stats=st, **kw
+    )
+    assert not out.isnan().any(), "an output row was left unwritten"
+    torch.testing.assert_close(out.double(), truth, atol=1e-5, rtol=1e-5)
+    assert st.density == 1.0 and st.dense_fallbacks == 0
+    if backend != "reference":  # the fast kernels allocate their output where the poison reaches it
+        assert nan_empty.poisoned(out), f"the {backend} kernel's output allocation escapes the NaN poison"
+
+
+def test_auto_takes_the_dense_short_cut_at_p1_only(monkeypatch):
+    import adaspark.ops.attention as attn
+
+    q, k, v, ids, km = make_case(CASES[4])
+    calls = []
+    real = attn.dense_causal_attention
+    monkeypatch.setattr(attn, "dense_causal_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    cube_sparse_attention(q, k, v, ids, 1.0, key_mask=km, backend="auto")
+    assert calls == [1]
+    cube_sparse_attention(q, k, v, ids, 0.5, key_mask=km, backend="auto")
+    cube_sparse_attention(q, k, v, ids, 1.0, key_mask=km, backend="gather")
+    assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    "backend", [pytest.param(b, marks=needs_flex) if b == "flex" else b for b in sorted(ATTENTION_BACKENDS)]
+)
+@pytest.mark.parametrize("gran", GRANS)
+def test_granularity_table_is_what_the_kernels_do(backend, gran):
+    """``BACKEND_GRANULARITIES`` (what AdaSparkConfig validates against) matches the kernels: a listed
+    pair runs a prefill with video queries, an unlisted one raises a ValueError naming the granularity."""
+    q, k, v, ids, km = make_case(CASES[3])
+    assert bool((ids >= 0).any())
+    if gran in BACKEND_GRANULARITIES[backend]:
+        out = cube_sparse_attention(q, k, v, ids, 0.5, key_mask=km, backend=backend, granularity=gran)
+        assert out.shape == q.shape
+    else:
+        with pytest.raises(ValueError, match="granularity"):
+            cube_sparse_attention(q, k, v, ids, 0.5, key_mask=km, backend=backend, granularity=gran)

@@ -65,6 +65,7 @@ def test_gathered_equals_reference(case, pol, comp, nan_empty):
     with torch.no_grad():
         ref = cube_sparse_ffn_reference(x, f, ids, policy=pol, mean_compensation=comp)
         out = cube_sparse_ffn_gathered(x, f, ids, policy=pol, mean_compensation=comp)
+    assert nan_empty.poisoned(out), "the gathered FFN's output allocation escapes the NaN poison"
     assert not torch.isnan(out).any()
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
 

@@ -19,6 +19,8 @@ from adaspark import AdaSparkConfig
 from adaspark.bench.needle import VOCABULARY, make_item, make_split, render_frames
 from adaspark.integrations.transformers import needle_model as nm
 
+from conftest import decode_attn_density
+
 SHIPPED = nm.DEFAULT_MODEL_DIR
 
 
@@ -237,6 +239,59 @@ def test_answer_item_reports_cost(shipped):
     assert s["decoder_flops"] < s["decoder_flops_dense"]  # AdaSpark skips work
     assert s["flops"] - s["decoder_flops"] == pytest.approx(d["flops"] - d["decoder_flops"])  # vision + head
     assert 0 < s["attn_density"] < 1 and 0 < s["ffn_active"] < 1
+    # 256 frames at p = 0.5: well above zero saved, whole model and decoder
+    assert 1 - s["flops"] / s["flops_dense"] > 0.05
+    assert 1 - s["decoder_flops"] / s["decoder_flops_dense"] > 0.05
+
+
+def _prefill_and_options(shipped, item, config):
+    """The AdaSpark report of the prefill alone, the prompt length and the options' token ids."""
+    import adaspark
+
+    model, tok = shipped
+    inp = nm.encode_prompt(tok, nm.preprocess_frames(render_frames(item), item.fps), item.question)
+    kw = {k: v for k, v in inp.items() if isinstance(v, torch.Tensor)}
+    with torch.inference_mode(), adaspark.patch(model, config) as handle:
+        model(**kw, use_cache=True, logits_to_keep=1)
+        prefill = handle.report().to_dict()
+    return inp, kw, prefill, nm.option_token_ids(tok, item.options)
+
+
+def test_option_continuations_run_sparse(shipped):
+    """``run_model``'s report covers the prefill and every option's continuation after the cache, and
+    the continuations (decode steps) attend a strict subset of the causal pairs."""
+    item = make_item("ordering", 64, 2)
+    config = AdaSparkConfig(p=0.5)
+    inp, kw, prefill, opts = _prefill_and_options(shipped, item, config)
+    n = int(kw["input_ids"].shape[1])
+    rep = nm.run_model(shipped[0], inp, opts, config)["report"]
+    steps = [(n, len(ids) - 1) for ids in opts if len(ids) > 1]
+    assert rep.forward_calls == 1 + len(steps) > 1
+    assert rep.tokens == n + sum(m for _, m in steps)
+    assert rep.saved > 0.05 and rep.llm_saved > 0.05, (rep.saved, rep.llm_saved)
+    decode = decode_attn_density(rep.to_dict()["layers"], prefill["layers"], n, steps)
+    assert all(0.0 < d < 1.0 for d in decode), f"decode-step attention density per layer: {decode}"
+
+
+def test_generate_decodes_sparse(shipped):
+    """``generate``: one report for the prefill and every decode step; the decode steps run sparse."""
+    import adaspark
+
+    model, _ = shipped
+    item = make_item("retrieval", 64, 3)
+    config = AdaSparkConfig(p=0.5)
+    _, kw, prefill, _ = _prefill_and_options(shipped, item, config)
+    n, new = int(kw["input_ids"].shape[1]), 5
+    with torch.inference_mode(), adaspark.patch(model, config) as handle:
+        out = model.generate(**kw, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        rep = handle.report()
+    assert out.shape[1] == n + new
+    steps = [(n + i, 1) for i in range(new - 1)]  # the last new token needs no forward
+    assert rep.forward_calls == 1 + len(steps)
+    assert rep.tokens == n + len(steps)
+    assert rep.saved > 0.05 and rep.llm_saved > 0.05, (rep.saved, rep.llm_saved)
+    decode = decode_attn_density(rep.to_dict()["layers"], prefill["layers"], n, steps)
+    assert all(0.0 < d < 1.0 for d in decode), f"decode-step attention density per layer: {decode}"
 
 
 def test_model_card_numbers_come_from_the_eval_file():

@@ -1,10 +1,10 @@
 """Property tests (hypothesis): selection, cube index, layout and the attention/FFN ops on random inputs.
 
-Each test states an invariant of SPEC.md and lets hypothesis search small random grids, lengths,
-paddings and policies for a counterexample. Budgets are modest (``max_examples`` per test; about
-20 s of CPU for the file) and the example database is off (hypothesis still keeps a small cache in
-``.hypothesis/``, which ignores itself in git). The random tensors of a case are drawn from a seed
-inside the case, so a failure report stays a few lines long.
+Each test states an invariant of the semantics (documented in ``adaspark.ops``) and lets hypothesis
+search small random grids, lengths, paddings and policies for a counterexample. Budgets are modest
+(``max_examples`` per test; about 20 s of CPU for the file) and the example database is off
+(hypothesis still keeps a small cache in ``.hypothesis/``, which ignores itself in git). The random
+tensors of a case are drawn from a seed inside the case, so a failure report stays a few lines long.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from hypothesis import strategies as st
 
 from adaspark.core.layout import build_layout
 from adaspark.ops import SelectionPolicy, cube_sparse_ffn_gathered, cube_sparse_ffn_reference
-from adaspark.ops.attention import ATTENTION_BACKENDS, reference_attention_mask
-from adaspark.ops.attention.units import GRANULARITIES
+from adaspark.ops.attention import ATTENTION_BACKENDS, BACKEND_GRANULARITIES, reference_attention_mask
 from adaspark.ops.cubes import NEVER, build_cube_index, cube_mean_keys
 from adaspark.ops.selection import keep_from_probs, masked_softmax
 
@@ -80,9 +79,7 @@ def test_keep_is_a_stable_prefix_with_the_policy_count(dist, pol):
         assert ke == [i in set(order[:r]) for i in range(len(pr))], "not a prefix of the stable order"
         cap = n if pol.max_keep is None else min(n, pol.max_keep)
         floor = min(n, max(pol.min_keep, 1), cap)
-        assert floor <= r <= cap
-        if n == 0:
-            continue
+        assert floor <= r <= cap  # a row without candidates keeps none; the checks below hold for it too
         if pol.kind == "top_p":
             if pol.p >= 1.0 and pol.max_keep is None:
                 assert r == n
@@ -249,6 +246,32 @@ def _layout(samples, types, am, merge, cube, as_video, give_images):
     )
 
 
+def _check_cubed_span(span: list[int], grid: tuple[int, int, int], cube, first_id: int) -> int:
+    """Assert that the cube ids of one video span tile its grid in aligned, maximal boxes numbered in
+    time-major order from ``first_id``; returns the number of cubes."""
+    t, h, w = grid
+    ct, ch, cw = cube
+    n_cubes = -(-t // ct) * -(-h // ch) * -(-w // cw)
+    assert sorted(set(span)) == list(range(first_id, first_id + n_cubes)), "ids not consecutive"
+    boxes = {}
+    for i, c in enumerate(span):  # token i of the video sits at (ti, y, xx) in raster order
+        boxes.setdefault(c, []).append((i // (h * w), (i // w) % h, i % w))
+    firsts = []
+    for c in range(first_id, first_id + n_cubes):
+        pts = boxes[c]
+        lo = [min(p[a] for p in pts) for a in range(3)]
+        hi = [max(p[a] for p in pts) for a in range(3)]
+        ext = [hi[a] - lo[a] + 1 for a in range(3)]
+        assert len(pts) == math.prod(ext) and len(set(pts)) == len(pts), "cube is not a full box"
+        assert ext[0] <= ct and ext[1] <= ch and ext[2] <= cw, "cube larger than the cube shape"
+        assert lo[0] % ct == 0 and lo[1] % ch == 0 and lo[2] % cw == 0, "cube not on the cube grid"
+        # a box is maximal: it reaches the next grid line or the edge of the video
+        assert [h_ + 1 for h_ in hi] == [min(lo[0] + ct, t), min(lo[1] + ch, h), min(lo[2] + cw, w)]
+        firsts.append(tuple(lo))
+    assert firsts == sorted(firsts), "cubes not numbered in time-major raster order"
+    return n_cubes
+
+
 @fast(120)
 @given(layout_batches())
 def test_layout_cubes_are_aligned_boxes_in_time_major_order(batch):
@@ -257,39 +280,18 @@ def test_layout_cubes_are_aligned_boxes_in_time_major_order(batch):
     ids = lay.cube_ids
     assert ids.dtype == torch.long and ids.shape == types.shape
     assert (ids[am == 0] == -1).all(), "a padding token got a cube"
-    ct, ch, cw = cube
     for b, segs in enumerate(samples):
         pos, next_cube = starts[b], 0
         for kind, x in segs:
+            n_tok = x if kind == "text" else math.prod(x)
+            span = ids[b, pos : pos + n_tok].tolist()
+            pos += n_tok
             if kind == "text":
-                assert (ids[b, pos : pos + x] == -1).all(), "a text token got a cube"
-                pos += x
-                continue
-            t, h, w = x
-            span = ids[b, pos : pos + t * h * w].tolist()
-            pos += t * h * w
-            if kind == "image" and not as_video:
+                assert all(c == -1 for c in span), "a text token got a cube"
+            elif kind == "image" and not as_video:
                 assert all(c == -1 for c in span), "an image was cubed without images_as_video"
-                continue
-            n_cubes = -(-t // ct) * -(-h // ch) * -(-w // cw)
-            assert sorted(set(span)) == list(range(next_cube, next_cube + n_cubes)), "ids not consecutive"
-            boxes = {}
-            for i, c in enumerate(span):  # token i of the video sits at (ti, y, xx) in raster order
-                boxes.setdefault(c, []).append((i // (h * w), (i // w) % h, i % w))
-            firsts = []
-            for c in range(next_cube, next_cube + n_cubes):
-                pts = boxes[c]
-                lo = [min(p[a] for p in pts) for a in range(3)]
-                hi = [max(p[a] for p in pts) for a in range(3)]
-                ext = [hi[a] - lo[a] + 1 for a in range(3)]
-                assert len(pts) == math.prod(ext) and len(set(pts)) == len(pts), "cube is not a full box"
-                assert ext[0] <= ct and ext[1] <= ch and ext[2] <= cw, "cube larger than the cube shape"
-                assert lo[0] % ct == 0 and lo[1] % ch == 0 and lo[2] % cw == 0, "cube not on the cube grid"
-                # a box is maximal: it reaches the next grid line or the edge of the video
-                assert [h_ + 1 for h_ in hi] == [min(lo[0] + ct, t), min(lo[1] + ch, h), min(lo[2] + cw, w)]
-                firsts.append(tuple(lo))
-            assert firsts == sorted(firsts), "cubes not numbered in time-major raster order"
-            next_cube += n_cubes
+            else:
+                next_cube += _check_cubed_span(span, x, cube, next_cube)
     spans_ok = [(s.sample, s.kind, s.grid) for s in lay.spans]
     want = [
         (b, kind, x)
@@ -411,25 +413,6 @@ def attention_cases(draw):
     )
 
 
-def _granularities(fn) -> tuple[str, ...]:
-    """Selection granularities a backend implements (probed on a 4-token video; per token without
-    the argument). A backend that refuses one says so with a ValueError naming the granularity."""
-    if "granularity" not in inspect.signature(fn).parameters:
-        return ("token",)
-    ids = torch.tensor([[0, 0, 1, 1]])
-    x = torch.zeros(1, 1, 4, 2)
-    out = []
-    for gran in GRANULARITIES:
-        try:
-            fn(x, x, x, ids, 0.5, granularity=gran)
-        except ValueError as e:
-            if "granularity" not in str(e):
-                raise
-            continue
-        out.append(gran)
-    return tuple(out)
-
-
 def _attend(backend: str, q, k, v, case: AttentionCase, granularity: str, **kw):
     fn = ATTENTION_BACKENDS[backend]
     if "granularity" in inspect.signature(fn).parameters:
@@ -441,11 +424,11 @@ def _attend(backend: str, q, k, v, case: AttentionCase, granularity: str, **kw):
 #: would recompile on every example (minutes on CPU); its own tests cover it on fixed shapes
 FAST = [
     (name, gran)
-    for name, fn in sorted(ATTENTION_BACKENDS.items())
+    for name in sorted(ATTENTION_BACKENDS)
     if name not in ("reference", "flex")
-    for gran in _granularities(fn)
+    for gran in BACKEND_GRANULARITIES[name]
 ]
-REFERENCE = [("reference", gran) for gran in _granularities(ATTENTION_BACKENDS["reference"])]
+REFERENCE = [("reference", gran) for gran in BACKEND_GRANULARITIES["reference"]]
 with_fixture = {"suppress_health_check": [HealthCheck.function_scoped_fixture]}
 
 
@@ -456,6 +439,7 @@ def test_attention_backends_equal_the_reference(backend, granularity, case, nan_
     q, k, v = case.tensors()
     ref = _attend("reference", q, k, v, case, granularity)
     out = _attend(backend, q, k, v, case, granularity, query_block=64)
+    assert nan_empty.poisoned(out), f"the {backend} kernel's output allocation escapes the NaN poison"
     assert not out.isnan().any(), "an output row was left unwritten"
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 
@@ -556,6 +540,7 @@ def test_ffn_gathered_equals_reference_and_text_stays_dense(case, nan_empty):
         ref = cube_sparse_ffn_reference(x, f, ids, policy=pol, mean_compensation=comp)
         out = cube_sparse_ffn_gathered(x, f, ids, policy=pol, mean_compensation=comp)
         dense = f(x)
+    assert nan_empty.poisoned(out), "the gathered FFN's output allocation escapes the NaN poison"
     assert not out.isnan().any(), "an output row was left unwritten"
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     text = ids < 0

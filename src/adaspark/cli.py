@@ -5,7 +5,10 @@ This module only parses and dispatches; each command lives in :mod:`adaspark.com
 (``add_parser`` registers it, ``run`` executes it).
 
 Exit codes: 0 success, 2 bad input (unreadable video, invalid setting, missing optional
-dependency), with a one-line message on stderr instead of a traceback.
+dependency), with a one-line message on stderr instead of a traceback. :func:`main` is the one
+error boundary of every command: an exception of :data:`adaspark.commands.errors.BAD_INPUT` that a
+command lets through becomes ``adaspark: error: ...`` and exit code 2; anything else is a bug and
+keeps its traceback (files a command wrote before it stay on disk).
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ __all__ = ["build_parser", "main"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adaspark",
-        description="AdaSpark: adaptive sparsity for efficient long-video understanding (Qwen2.5-VL).",
+        description=(
+            "AdaSpark: adaptive sparsity for efficient long-video understanding with Video-LLMs "
+            "(adaspark.patch supports Qwen2.5-VL, Qwen2-VL, Qwen3-VL and LLaVA-OneVision; the commands "
+            "run the shipped Qwen2.5-VL needle model or a --model checkpoint)."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"adaspark {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -42,9 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 2 bad input)."""
+    from adaspark.commands.errors import BAD_INPUT, fail
+
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse reports usage errors (code 2) and --help (code 0) this way
         return int(e.code or 0)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except BAD_INPUT as e:
+        return fail(e)

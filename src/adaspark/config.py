@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from adaspark.ops.attention import BACKEND_GRANULARITIES
 from adaspark.ops.selection import SelectionPolicy
 
 Policy = Literal["top_p", "top_k", "ratio"]
@@ -66,18 +67,20 @@ class AdaSparkConfig:
         images_as_video: Treat each image as a one-frame video (cubed, sparse). Default: images
             are non-video tokens (always attended, dense FFN).
         granularity: Granularity of the cube selection. ``"token"``: every query selects its own
-            cubes (the paper's formulation, SPEC.md's reference semantics). ``"cube"``: all video
+            cubes (the paper's formulation, the reference semantics of
+            :mod:`adaspark.ops.attention.reference`). ``"cube"``: all video
             queries of a cube share one set, the Top-p set of the average of their distributions;
             costs ~1/cube-size of the per-token selection and lets the kernels skip whole blocks
             (non-video queries still select per token).
         backend: ``"reference"`` (naive, materialises masks; for testing), ``"blocked"``
             (per-token selection, gathers the kept keys per query block), ``"decode"`` (a few new
-            tokens after a cache read only the kept cubes' K/V),
+            tokens after a cache read only the kept cubes' K/V; per-token selection),
             ``"gather"`` (cube-major blocks, kept key blocks gathered per GQA group), ``"flex"``
             (compiled ``flex_attention`` with a block mask from the selection; prefill) or
             ``"auto"`` (picks the efficient path for the device, dtype and call: flex for prefill
             on CUDA and CPU when it can compile, gather otherwise, decode for new tokens, dense SDPA
-            when the policy keeps everything).
+            when the policy keeps everything). ``blocked`` and ``decode`` select per token, so they
+            need ``granularity="token"`` (the pair is checked here, naming both fields).
         dense_fallback: When the block kernels (``gather``/``flex``, chosen by ``backend="auto"`` or
             by name) would compute more than this fraction of a layer's causal (query, key) pairs,
             the layer runs dense attention instead: the sparse kernel would not pay (measured on
@@ -156,6 +159,15 @@ class AdaSparkConfig:
         if self.granularity not in GRANULARITIES:
             raise ValueError(
                 f"AdaSparkConfig.granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
+            )
+        supported = BACKEND_GRANULARITIES[self.backend]
+        if self.granularity not in supported:
+            others = [b for b, g in BACKEND_GRANULARITIES.items() if self.granularity in g]
+            raise ValueError(
+                f"AdaSparkConfig.backend={self.backend!r} does not support "
+                f"AdaSparkConfig.granularity={self.granularity!r} (it selects per {supported[0]}); "
+                f"use granularity={supported[0]!r}, or one of the backends {others} for "
+                f"granularity={self.granularity!r}"
             )
         _check_fraction("dense_fallback", self.dense_fallback, allow_none=True)
         if self.query_block is not None and (not _is_int(self.query_block) or self.query_block < 1):

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adaspark import __version__
+from adaspark.commands.errors import BAD_INPUT, UsageError, fail
 
 __all__ = ["add_parser", "run"]
 
@@ -36,16 +37,6 @@ DEFAULT_QUESTION = "What appeared in the video?"
 #: side in pixels of one LM token (14-pixel patches, 2×2 merge)
 _MERGED_PATCH = 28
 _NEEDLE_TASKS = ("retrieval", "ordering", "counting")
-
-
-class UsageError(ValueError):
-    """Bad command-line input found after parsing (exit code 2)."""
-
-
-def error(message: object) -> int:
-    """Print ``adaspark: error: message`` as one line on stderr; returns exit code 2."""
-    print(f"adaspark: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return 2
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -382,10 +373,9 @@ def progress_bar(total: int, disable: bool):
 
 
 def load_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input while loading (reported with exit code 2)."""
-    from adaspark.video import VideoDecodeError
-
-    return (VideoDecodeError, ValueError, FileNotFoundError, ImportError, OSError)
+    """Exceptions that mean bad input while loading (reported with exit code 2): the CLI's
+    :data:`~adaspark.commands.errors.BAD_INPUT` (``VideoDecodeError`` is a ``ValueError``)."""
+    return BAD_INPUT
 
 
 # ------------------------------------------------------------------------------------ output
@@ -471,7 +461,7 @@ def run(args: argparse.Namespace) -> int:
         out = output_dir(args)
         prepared = prepare(args)
     except load_errors() as e:
-        return error(e)
+        return fail(e)
     import torch
 
     from adaspark.integrations.transformers.analysis import analyze_model
@@ -494,7 +484,7 @@ def run(args: argparse.Namespace) -> int:
                 on_layer=lambda _i: bar.update(),
             )
     except ValueError as e:  # e.g. a grid / token-count mismatch found by the layout
-        return error(e)
+        return fail(e)
     finally:
         bar.close()
     seconds = time.perf_counter() - start
@@ -518,7 +508,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         atomic_write_json(json_path, json_ready(doc), allow_nan=False)
     except (OSError, ValueError) as e:
-        return error(f"cannot write {str(json_path)!r}: {e}")
+        return fail(f"cannot write {str(json_path)!r}: {e}")
     print(format_summary(doc))
     print(f"\nWrote {json_path}")
     if not args.no_figures:
@@ -527,7 +517,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             paths = plot_analysis(doc, out)
         except (OSError, ImportError) as e:
-            return error(f"cannot draw the figures into {str(out)!r}: {e}")
+            return fail(f"cannot draw the figures into {str(out)!r}: {e}")
         for p in paths.values():
             print(f"Wrote {p}")
     return 0

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from adaspark import __version__
+from adaspark.commands.errors import UsageError, fail
 
 __all__ = ["DEFAULT_FRAMES", "DEFAULT_P", "add_parser", "format_result", "run"]
 
@@ -32,15 +33,6 @@ DEFAULT_FRAMES = 512
 DEFAULT_QUESTION = "What shape appeared in the video?"
 _TASKS = ("retrieval", "ordering", "counting")
 _LETTERS = "ABCD"
-
-
-class UsageError(ValueError):
-    """Bad command-line input found after parsing (exit code 2)."""
-
-
-def _error(message: object) -> int:
-    print(f"adaspark: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return 2
 
 
 def _positive_int(text: str) -> int:
@@ -411,7 +403,8 @@ def format_result(r: dict) -> str:
         "of the video tokens through the FFN (means over layers)."
     )
     lines.append(
-        f"Wall time: one prefill forward, median of {r['repeats']} interleaved runs each after a warm-up; "
+        f"Wall time: the prefill and the option continuations, median of {r['repeats']} interleaved runs "
+        "each after a warm-up; "
         "'ideal' counts only the attention pairs the AdaSpark semantics keep, the other figures what the "
         "kernels computed."
     )
@@ -419,15 +412,14 @@ def format_result(r: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``adaspark ask`` / ``adaspark demo``."""
+    """Entry point of ``adaspark ask`` / ``adaspark demo``.
+
+    Bad input raises (``ValueError``, ``OSError``, ``ImportError``); :func:`adaspark.cli.main` turns
+    it into one line and exit code 2.
+    """
     from tqdm import tqdm
 
-    from adaspark.video import VideoDecodeError
-
-    try:
-        config = _check(args)
-    except ValueError as e:  # AdaSparkConfig and UsageError
-        return _error(e)
+    config = _check(args)  # AdaSparkConfig and UsageError raise ValueError naming the setting
     bar = tqdm(
         total=3 + 2 * args.repeats, unit="stage", file=sys.stderr, disable=args.no_progress, leave=False
     )
@@ -437,25 +429,27 @@ def run(args: argparse.Namespace) -> int:
         try:
             model, tokenizer, settings = _load(args)
         except (OSError, ValueError, ImportError) as e:
-            return _error(f"cannot load the model: {e}")
+            return fail(f"cannot load the model: {e}")
         bar.update()
         bar.set_description("prepare video")
-        try:
-            src = _source(args, settings)
-        except (VideoDecodeError, ValueError, FileNotFoundError, ImportError) as e:
-            return _error(e)
+        src = _source(args, settings)
         bar.update()
         result = _run(args, config, model, tokenizer, src, bar)
         result["total_s"] = time.perf_counter() - start
     finally:
         bar.close()
-    print(format_result(result))
+    # the JSON first: a failure while formatting must not lose the numbers
+    write_error = None
     if args.json is not None:
         from adaspark.core.io import atomic_write_json
 
         try:
             atomic_write_json(args.json, result, indent=2)
         except OSError as e:
-            return _error(f"cannot write {args.json!r}: {e}")
+            write_error = e
+    print(format_result(result))
+    if write_error is not None:
+        return fail(f"cannot write {args.json!r}: {write_error}")
+    if args.json is not None:
         print(f"\nWrote {args.json}")
     return 0

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from adaspark import __version__
+from adaspark.commands.errors import UsageError, fail
 
 __all__ = ["DEFAULT_LENGTHS", "DEFAULT_PS", "add_parser", "make_answer_fn", "run"]
 
@@ -27,15 +28,6 @@ DEFAULT_LENGTHS = (64, 256, 1024)
 DEFAULT_PS = (0.9, 0.7, 0.5, 0.3)
 _TASKS = ("retrieval", "ordering", "counting")
 _FAMILIES = ("top_p", "top_k", "ratio", "no_comp")
-
-
-class UsageError(ValueError):
-    """Bad command-line input found after parsing (exit code 2)."""
-
-
-def _error(message: object) -> int:
-    print(f"adaspark: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return 2
 
 
 def _positive_int(text: str) -> int:
@@ -231,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         base = _check(args)
         items = _items(args)
     except (ValueError, FileNotFoundError) as e:
-        return _error(e)
+        return fail(e)
     from adaspark.bench.evaluate import calibrate_budgets, run_eval, standard_variants
     from adaspark.core.io import atomic_write_json
     from adaspark.integrations.transformers.needle_model import load_model, video_settings
@@ -240,12 +232,12 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model)
         settings = video_settings(args.model)
     except (OSError, ValueError, ImportError) as e:
-        return _error(f"cannot load the model: {e}")
+        return fail(f"cannot load the model: {e}")
     out = Path(args.out).expanduser()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        return _error(f"--out {args.out!r}: cannot create the directory ({e})")
+        return fail(f"--out {args.out!r}: cannot create the directory ({e})")
     data_dir = Path(args.data).expanduser() if args.data is not None else None
     answer_fn = make_answer_fn(model, tokenizer, settings, data_dir)
     start = time.perf_counter()
@@ -283,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 130
     except (ValueError, RuntimeError, OSError) as e:
-        return _error(e)
+        return fail(e)
     print(
         f"AdaSpark {__version__} eval: {len(items)} items x {len(variants)} variants "
         f"in {time.perf_counter() - start:.0f} s\n"

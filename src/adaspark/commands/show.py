@@ -22,11 +22,9 @@ import time
 
 from adaspark import __version__
 from adaspark.commands.analyze import (
-    UsageError,
     add_common_arguments,
     check_common,
     check_matplotlib,
-    error,
     fraction,
     json_ready,
     load_errors,
@@ -35,6 +33,7 @@ from adaspark.commands.analyze import (
     positive_int,
     prepare,
 )
+from adaspark.commands.errors import UsageError, fail
 
 __all__ = ["add_parser", "run"]
 
@@ -165,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         if config.is_dense_layer(layer, n_layers):
             raise UsageError(f"--layer {layer} is kept dense: it selects nothing")
     except load_errors() as e:
-        return error(e)
+        return fail(e)
     import numpy as np
     import torch
 
@@ -176,10 +175,10 @@ def run(args: argparse.Namespace) -> int:
         with torch.inference_mode():
             cap = capture_selection(model, prepared.inputs, config, query=args.query, layer=layer)
     except ValueError as e:
-        return error(e)
+        return fail(e)
     seconds = time.perf_counter() - start
     if not cap.layout.spans or cap.query_probs is None:
-        return error("the prompt has no video cubes to select from")
+        return fail("the prompt has no video cubes to select from")
     source = prepared.source
     span = cap.layout.spans[0]
     t_tok, h_tok, w_tok = span.grid
@@ -344,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         atomic_write_json(json_path, json_ready(doc), allow_nan=False)
     except (OSError, ValueError) as e:
-        return error(f"cannot write {str(json_path)!r}: {e}")
+        return fail(f"cannot write {str(json_path)!r}: {e}")
 
     from adaspark.viz.selection import plot_cube_selection, plot_ffn_skips, plot_selection_timeline
 
@@ -395,7 +394,7 @@ def run(args: argparse.Namespace) -> int:
             width=args.width,
         )
     except (OSError, ImportError, ValueError) as e:
-        return error(f"cannot draw the figures into {str(out)!r}: {e}")
+        return fail(f"cannot draw the figures into {str(out)!r}: {e}")
     print(f"AdaSpark {__version__} show")
     print(f"Model    {prepared.loaded.source}")
     print(

@@ -1,6 +1,6 @@
 """The paper's preliminary analysis as statistics on plain tensors (no transformers import here).
 
-Two observations motivate AdaSpark (SPEC.md): video attention is sparse — a few keys carry most of a
+Two observations of the paper motivate AdaSpark: video attention is sparse — a few keys carry most of a
 query's probability mass, and how many varies between layers and inputs — and FFNs are "lazy" on
 video tokens — ``||FFN(x)|| / ||x||`` varies much less for video tokens than for text tokens. This
 module measures both, plus the entropy of AdaS-Attn's cube distribution and how many cubes Top-p

@@ -1,6 +1,6 @@
 """Token layout: where each video sits in the LM sequence and which cube every video token is in.
 
-Qwen2-VL / Qwen2.5-VL geometry (SPEC.md): a video of ``grid_thw = (T, H, W)`` patches becomes
+Qwen2-VL / Qwen2.5-VL geometry: a video of ``grid_thw = (T, H, W)`` patches becomes
 ``T × (H/m) × (W/m)`` LM tokens (``m`` = spatial merge size, 2), in time-major raster order of the
 merged patches: token ``t·(h·w) + y·w + x`` with ``h = H/m``, ``w = W/m``. A cube is ``ct × ch × cw``
 LM tokens; edge cubes may be smaller. Cube ids are numbered per sample, video after video, each

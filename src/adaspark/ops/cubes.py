@@ -1,6 +1,6 @@
 """Cube bookkeeping on plain tensors: which tokens form each cube, and cube mean keys.
 
-Ops convention (SPEC.md): ``cube_ids`` is an int64 tensor ``[B, N]`` with ``-1`` for every token
+Ops convention: ``cube_ids`` is an int64 tensor ``[B, N]`` with ``-1`` for every token
 that is not a video token (text, images by default, generated tokens, padding) and ids
 ``0 .. C_b - 1`` for the cubes of sample ``b``. Ids are per sample; the cubes of different videos of
 one sample have distinct ids. A cube's tokens need not be contiguous (cubes interleave in raster

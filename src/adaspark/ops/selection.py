@@ -3,7 +3,7 @@
 Everything here works on the last dimension of a tensor and is shared by AdaS-Attn (candidates =
 cubes, one distribution per query and head) and AdaS-FFN (candidates = the tokens of one cube).
 
-Top-p ("nucleus") semantics, exactly as in SPEC.md: sort the candidates by descending probability
+Top-p ("nucleus") semantics, as the whole package uses them: sort the candidates by descending probability
 (stable: on ties the lower index comes first) and keep the shortest prefix whose cumulative mass is
 ``>= p``; at least one candidate is kept whenever one exists; ``p >= 1`` keeps every candidate.
 Equivalently, the candidate of rank ``r`` is kept iff the mass strictly before it is ``< p``; a

@@ -9,11 +9,13 @@ Backends (all exact: same mask as the reference, errors within 2× PyTorch's own
   its group keeps are gathered; one SDPA call with the group's heads stacked;
 * ``gather`` – cube-major blocks, kept key blocks gathered per GQA group, one SDPA per block;
 * ``flex`` – compiled ``flex_attention`` with a ``BlockMask`` from the selection (prefill);
-* ``auto`` – dense SDPA when the policy keeps everything, ``decode`` for up to 64 new tokens after a
-  cache (``blocked`` for more),
+* ``auto`` – dense SDPA when the policy keeps everything (only ``auto`` takes this short cut: a
+  backend chosen by name runs its own kernel at ``p = 1`` too), ``decode`` for up to 64 new tokens
+  after a cache (``blocked`` for more; ``gather`` for video queries at cube granularity),
   ``flex`` for prefill from 4096 tokens on CUDA and on CPU (bfloat16, float32) when a C++ compiler
-  is there, ``gather`` otherwise. (The gather loop was meant for float32 on CPU; measured against
-  flex with 64-token blocks it lost in float32 too — see the README's benchmark section.)
+  is there, ``gather`` otherwise. (The gather loop was meant for float32 on CPU; flex is preferred
+  there too. No results file backs that comparison: ``benchmarks/attention_speed.py --backends
+  gather flex`` measures it.)
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from adaspark.ops.selection import SelectionPolicy, as_policy
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "BACKEND_GRANULARITIES",
     "GRANULARITIES",
     "SELECT_BLOCK",
     "AttentionStats",
@@ -66,6 +69,18 @@ ATTENTION_BACKENDS = {
     "decode": cube_sparse_attention_decode,
     "gather": cube_sparse_attention_gather,
     "flex": cube_sparse_attention_flex,
+}
+
+#: the selection granularities each backend implements for video queries. ``blocked`` and
+#: ``decode`` select per token; they accept ``granularity="cube"`` only for calls without video
+#: queries (new text tokens after a cache), where both granularities coincide, and raise otherwise.
+BACKEND_GRANULARITIES: dict[str, tuple[str, ...]] = {
+    "auto": GRANULARITIES,
+    "reference": GRANULARITIES,
+    "blocked": ("token",),
+    "decode": ("token",),
+    "gather": GRANULARITIES,
+    "flex": GRANULARITIES,
 }
 
 
@@ -138,13 +153,15 @@ def cube_sparse_attention(
         policy: A :class:`~adaspark.ops.selection.SelectionPolicy` (top_p / top_k / ratio).
         scale: Score scale, default ``D ** -0.5``.
         key_mask: ``[B, Nk]`` bool, False for padding (padding queries return zeros).
-        backend: ``"auto"``, ``"reference"``, ``"blocked"``, ``"gather"`` or ``"flex"``.
+        backend: ``"auto"``, ``"reference"``, ``"blocked"``, ``"decode"``, ``"gather"`` or ``"flex"``.
+            Only ``"auto"`` runs dense SDPA when the policy keeps everything; a backend given by name
+            runs its own kernel at ``p = 1`` too (what the "p = 1 equals dense" tests rely on).
         mean_keys: Optional cached ``[B, Hkv, C, D]`` float32 cube mean keys (decoding).
         index: Optional precomputed :class:`~adaspark.ops.cubes.CubeIndex` of ``cube_ids``.
         stats: Optional :class:`AttentionStats` to accumulate densities and selection statistics.
         query_block: Block size of the chosen path (``None``: its default — 128 for ``blocked``,
             64 (one 4×4×4 cube) for ``gather`` and ``flex``).
-        granularity: ``"token"`` (SPEC.md's reference semantics) or ``"cube"``.
+        granularity: ``"token"`` (the reference semantics, :mod:`.reference`) or ``"cube"``.
         dense_fallback: With the block paths (``gather``/``flex``, also when ``auto`` picks them):
             if the kept blocks make up more than this fraction of the causal (query, key) pairs,
             run dense causal attention instead (the sparse kernel would not pay). Decided only from
@@ -178,11 +195,15 @@ def cube_sparse_attention(
         num_queries=nq,
     )
     pol = as_policy(p, policy)
+    # the dense short cut is auto's alone: a named backend must run its kernel (tests force it)
     if backend == "auto" and pol.keeps_all:
         check_attention_inputs(q, k, v, cube_ids, key_mask)
         return dense_causal_attention(q, k, v, scale=scale, key_mask=key_mask, stats=stats)
     if name == "flex" and nq != nk:
-        raise ValueError(f"the 'flex' backend runs prefill only (Nq == Nk), got Nq={nq}, Nk={nk}")
+        raise ValueError(
+            f"the 'flex' backend runs prefill only (Nq == Nk), got Nq={nq}, Nk={nk}: new tokens after a "
+            "cache need another backend ('auto' picks 'decode' or 'gather' for them)"
+        )
     if dense_fallback is not None and name in ("gather", "flex") and nk >= FLEX_MIN_TOKENS:
         if not (0.0 < dense_fallback <= 1.0):
             raise ValueError(f"dense_fallback must be None or in (0, 1], got {dense_fallback!r}")

@@ -74,7 +74,7 @@ def cube_sparse_attention_decode(
     g = hq // hkv
     c = index.max_cubes
     neg = float("-inf")
-    out = torch.zeros_like(q)
+    out = torch.empty_like(q)  # every row is written below (the NaN-poison tests check it)
     kpos = torch.arange(nk, device=q.device)
     qpos = kpos[q_offset:]
     executed = 0
@@ -99,7 +99,8 @@ def cube_sparse_attention_decode(
         ok = grp[:, kcls] & km[b][None] & (kpos <= last)[None]  # [Hkv, Nk]
         cnt = ok.sum(1)
         m = int(cnt.max())
-        if m == 0:
+        if m == 0:  # no valid query in this sample (all padding)
+            out[b] = 0
             continue
         if m > GATHER_FRACTION * (last + 1):
             # most of the prefix is kept: copying it would cost more than reading it in place

@@ -1,6 +1,7 @@
 """Naive AdaS-Attn: materialise the full token mask, then masked softmax attention.
 
-This is the definition of correct (SPEC.md "Semantics"); it is O(N²) in memory and meant for tests
+This is the definition of correct (the semantics stated in
+:func:`adaspark.ops.attention.cube_sparse_attention`); it is O(N²) in memory and meant for tests
 and small inputs. Layout: see :mod:`adaspark.ops.attention.common`.
 """
 

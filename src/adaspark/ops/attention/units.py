@@ -6,8 +6,8 @@ the AdaS-Attn mask in one compact form, a :class:`Selection`:
 * a key's *class* is its cube id ``0 .. C-1``, or ``C`` for every non-video key (text, images by
   default, generated tokens, padding);
 * a query's *unit* is the set of queries that share one selection: with ``granularity="token"``
-  every query is its own unit (SPEC.md's semantics); with ``granularity="cube"`` all video queries of
-  one cube share the unit of that cube (SPEC.md's cube-granularity variant) and every non-video query
+  every query is its own unit (the reference semantics); with ``granularity="cube"`` all video queries of
+  one cube share the unit of that cube (the cube-granularity variant) and every non-video query
   is its own unit; padding queries share one unit that allows nothing;
 * ``table[b, h, u, j]`` says whether the queries of unit ``u`` attend the keys of class ``j`` (head
   ``h``). It already contains the own cube and the non-video class, so the token-level mask is
@@ -206,7 +206,7 @@ def select_units(
         index: cube index of ``cube_ids``.
         policy: selection policy.
         scale: score scale.
-        granularity: ``"token"`` (per query, SPEC.md's reference semantics; selected with the same
+        granularity: ``"token"`` (per query, the reference semantics; selected with the same
             fixed blocking as the ``blocked`` path) or ``"cube"``.
         stats: optional statistics (entropy / kept / candidates per selecting query).
     """

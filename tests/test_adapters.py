@@ -9,9 +9,8 @@ import torch
 pytest.importorskip("transformers")
 
 from adaspark import AdaSparkConfig, patch
-from adaspark.core.layout import build_layout, grid_cube_ids
+from adaspark.core.layout import build_layout, build_segmented_layout, grid_cube_ids
 from adaspark.integrations.transformers import SUPPORTED_MODEL_TYPES, get_adapter
-from adaspark.integrations.transformers.layouts import build_segmented_layout
 from adaspark.integrations.transformers.tiny import (
     TINY_IDS,
     build_inputs,

@@ -22,9 +22,8 @@ import math
 import torch
 
 from adaspark.config import AdaSparkConfig
-from adaspark.core.layout import TEXT, VIDEO, token_types_from_ids
+from adaspark.core.layout import TEXT, VIDEO, build_segmented_layout, token_types_from_ids
 from adaspark.integrations.transformers.adapters.base import ModelAdapter, ModelParts
-from adaspark.integrations.transformers.layouts import build_segmented_layout
 
 __all__ = ["LLAVA_ONEVISION", "LlavaOnevisionAdapter"]
 

@@ -4,7 +4,7 @@ The Qwen3-VL processor writes a video of ``grid_thw = (T, H, W)`` patches as ``T
 temporal slice: ``<t seconds>`` text, ``<|vision_start|>``, ``(H/m)·(W/m)`` ``<|video_pad|>`` tokens,
 ``<|vision_end|>``. ``video_grid_thw`` holds the per-video grids, so the layout is read from the
 processor outputs as for Qwen2.5-VL, but with
-:func:`~adaspark.integrations.transformers.layouts.build_segmented_layout`: each video keeps one
+:func:`~adaspark.core.layout.build_segmented_layout`: each video keeps one
 ``(T, H/m, W/m)`` cube grid across the text between its slices, and that text stays non-video.
 
 DeepStack adds features of intermediate vision layers to the hidden states of the video tokens
@@ -18,9 +18,8 @@ from __future__ import annotations
 import torch
 
 from adaspark.config import AdaSparkConfig
-from adaspark.core.layout import Layout
+from adaspark.core.layout import Layout, build_segmented_layout
 from adaspark.integrations.transformers.adapters.qwen2_vl import QwenVLAdapter
-from adaspark.integrations.transformers.layouts import build_segmented_layout
 
 __all__ = ["QWEN3_VL", "Qwen3VLAdapter"]
 

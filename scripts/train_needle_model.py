@@ -7,7 +7,7 @@ is generated on the fly, item seeds counting up from 0), and so is phase 2's cho
 is the cross-entropy of the answer (the right option's words, then ``<|im_end|>``) after the
 question, plus a needle-map loss: every video token predicts the label and colour words of the
 needle it shows, or none (the generator knows where every needle is). Multiple-choice accuracy is
-measured by option likelihood (:func:`adaspark.integrations.transformers.needle_model.run_model`).
+measured by option likelihood (:func:`adaspark.needle.model.run_model`).
 
 The run is resumable: a checkpoint (weights, optimiser, step, elapsed time) is written atomically
 every ``--checkpoint-every`` steps to ``OUT/checkpoint.pt``; rerunning the same command continues
@@ -46,9 +46,10 @@ import torch.nn.functional as F
 
 import adaspark
 from adaspark import AdaSparkConfig
-from adaspark.bench.needle import GENERATOR_VERSION, TASKS, VOCABULARY, make_item, render_frames
 from adaspark.core.io import atomic_path, atomic_write_json, atomic_write_text
-from adaspark.integrations.transformers import needle_model as nm
+from adaspark.needle import TASKS, VOCABULARY, make_item, render_frames
+from adaspark.needle import model as nm
+from adaspark.needle.spec import GENERATOR_VERSION
 
 #: video tokens per step, roughly (the batch size of a length is this divided by its tokens)
 TOKENS_PER_STEP = 1024
@@ -134,7 +135,15 @@ def step_plan(args, step: int) -> tuple[int, list[tuple[str, int]]]:
     return length, [(TASKS[rng.randrange(len(TASKS))], base + j) for j in range(batch)]
 
 
-def batch_inputs(tokenizer, items, settings) -> tuple[dict, torch.Tensor, torch.Tensor]:
+def _loaded(model, tokenizer):
+    """The model and tokenizer as the library's loader hands them over (prompts are built through it)."""
+    from adaspark.integrations.transformers.adapters import get_adapter
+    from adaspark.integrations.transformers.loading import LoadedModel
+
+    return LoadedModel(model, tokenizer, get_adapter(model), nm.NEEDLE_VIDEO, "training")
+
+
+def batch_inputs(model, tokenizer, items, settings) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """Right-padded batch of prompt + answer (no attention mask needed: causal attention never looks
     right), the next-token targets ``(B, N)`` (the answer's tokens and ``<|im_end|>``, -100
     elsewhere) and the needle-map labels ``(B, N, 2)``.
@@ -146,7 +155,7 @@ def batch_inputs(tokenizer, items, settings) -> tuple[dict, torch.Tensor, torch.
     seqs = []
     for it in items:
         video = nm.preprocess_frames(render_frames(it), it.fps, settings)
-        enc = nm.encode_prompt(tokenizer, video, it.question)
+        enc = nm.encode_prompt(_loaded(model, tokenizer), video, it.question)
         answer = nm.option_token_ids(tokenizer, it.options)[it.answer]
         seqs.append((enc, answer, needle_map(it, video, tokenizer, none_id)))
     n = max(e["input_ids"].shape[1] + len(a) for e, a, _ in seqs)
@@ -219,7 +228,7 @@ def accuracy(model, tokenizer, items, settings, config=None, flops: dict | None 
     also the summed FLOPs per length (keys ``flops``, ``flops_dense``, ``decoder_flops``, ...)."""
     cells: dict[str, list[int]] = {}
     for it in items:
-        r = nm.answer_item(model, tokenizer, it, config, settings=settings)
+        r = nm.answer_item(_loaded(model, tokenizer), it, config, settings=settings)
         for key in (f"{it.num_frames}/{it.task}", f"{it.num_frames}/all", "all"):
             cells.setdefault(key, []).append(int(r["correct"]))
         if flops is not None:
@@ -300,7 +309,7 @@ def train_loss(args, model, tokenizer, settings, step: int, run: dict) -> torch.
     """The loss of training step ``step``: answer tokens plus the weighted needle map."""
     length, plan = step_plan(args, step)
     items = [make_item(task, length, seed, split="train") for task, seed in plan]
-    inputs, targets, labels = batch_inputs(tokenizer, items, settings)
+    inputs, targets, labels = batch_inputs(model, tokenizer, items, settings)
     phase2 = step >= args.phase1_steps
     cfg = phase2_config(args, step) if phase2 else None
     handle = adaspark.patch(model, cfg) if cfg is not None else None
@@ -329,9 +338,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     logf = out / "training_log.jsonl"
     ckpt_path = out / "checkpoint.pt"
-    settings = nm.VideoSettings()
+    settings = nm.NEEDLE_VIDEO
     if args.eval_only:
-        model, tokenizer = nm.load_model(out)
+        loaded = nm.load_model(out)
+        model, tokenizer = loaded.model, loaded.tokenizer
         info = json.loads((out / "training_config.json").read_text(encoding="utf-8"))
         final_eval(model, tokenizer, args, out, settings, info)
         return 0
@@ -461,7 +471,7 @@ def model_card(info: dict, ev: dict) -> str:
         "",
         "A tiny Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`, "
         f"{info['parameters'] / 1e6:.2f}M parameters) trained from scratch on the train split of AdaSpark's "
-        "needle-in-a-video-haystack benchmark (`adaspark.bench.needle`). It answers four-way multiple-choice "
+        "needle-in-a-video-haystack benchmark (`adaspark.needle`). It answers four-way multiple-choice "
         "questions about coloured shapes and digits drawn into real footage. It is the default model of "
         "`adaspark ask` and `adaspark eval`; it knows only the benchmark's vocabulary.",
         "",

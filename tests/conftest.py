@@ -99,13 +99,14 @@ def ask_prefill(argv: list[str]) -> tuple[dict, int, list[tuple[int, int]]]:
     import adaspark
     from adaspark import cli
     from adaspark.commands import ask
-    from adaspark.integrations.transformers.needle_model import encode_prompt, option_token_ids
+    from adaspark.needle.model import encode_prompt, option_token_ids
 
     args = cli.build_parser().parse_args(argv)
     config = ask._check(args)
-    model, tokenizer, settings = ask._load(args)
-    src = ask._source(args, settings)
-    inputs = encode_prompt(tokenizer, src["video"], src["question"], src["options"])
+    loaded = ask._load(args)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    src = ask._source(args, loaded)
+    inputs = encode_prompt(loaded, src["video"], src["question"], src["options"])
     kwargs = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
     n = int(kwargs["input_ids"].shape[1])
     with torch.inference_mode(), adaspark.patch(model, config) as handle:

@@ -271,16 +271,19 @@ def test_analyze_model_matches_eager_attention():
 
 @needs_hf
 def test_build_prompt_follows_the_qwen_chat_layout():
-    from adaspark.integrations.transformers.analysis import build_prompt
-    from adaspark.integrations.transformers.needle_model import build_tokenizer, needle_config
+    from types import SimpleNamespace
+
+    from adaspark.integrations.transformers.adapters import get_adapter
     from adaspark.integrations.transformers.tiny import tiny_qwen2_5_vl
+    from adaspark.needle.model import build_tokenizer, needle_config
 
     tok = build_tokenizer(["what", "appeared", "in", "the", "video", "?"])
     model = tiny_qwen2_5_vl(num_layers=1, hidden_size=32)
     cfg = needle_config(tok)
     for name in ("video_token_id", "vision_start_token_id", "vision_end_token_id", "image_token_id"):
         setattr(model.config, name, getattr(cfg, name))
-    ids = build_prompt(model, tok, 5, "What appeared in the video?")
+    video5 = SimpleNamespace(num_llm_tokens=5)
+    ids = get_adapter(model).prompt(model, tok, video5, "What appeared in the video?")
     words = ["what", "appeared", "in", "the", "video", "?", "<|im_end|>", "<|im_start|>", "assistant"]
     video = ["<|vision_start|>", *(["<|video_pad|>"] * 5), "<|vision_end|>"]
     want = tok.convert_tokens_to_ids(["<|im_start|>", "user", *video, *words])
@@ -499,8 +502,8 @@ def test_analyze_on_a_needle_item_with_a_tokenizer_checkpoint(tmp_path):
     """A checkpoint laid out like the shipped one (word-level tokenizer, processor configs)."""
     from transformers import AutoModelForImageTextToText
 
-    from adaspark.bench.needle import VOCABULARY
-    from adaspark.integrations.transformers.needle_model import (
+    from adaspark.needle import VOCABULARY
+    from adaspark.needle.model import (
         build_tokenizer,
         needle_config,
         write_processor_configs,

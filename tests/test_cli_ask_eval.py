@@ -47,7 +47,7 @@ def assert_clean_error(code: int, out: str, err: str, *needles: str) -> None:
 @pytest.fixture(scope="module")
 def needle_video(tmp_path_factory) -> tuple[Path, object]:
     """A generated needle video written to an mp4 file (lossless) and its item."""
-    from adaspark.bench.needle import make_item, write_split
+    from adaspark.needle import make_item, write_split
 
     item = make_item("retrieval", 32, 11)
     d = write_split([item], tmp_path_factory.mktemp("split"))
@@ -102,10 +102,9 @@ def test_ask_on_a_user_video_file(needle_video, tmp_path):
     assert re.search(r"^  AdaSpark\s+[A-D]\. ", out, flags=re.M)
     assert "p = 0.3" in out
     # the decoded file gives the same frames as the generator, so the dense answer is the generator's
-    from adaspark.integrations.transformers.needle_model import answer_item, load_model
+    from adaspark.needle.model import answer_item, load_model
 
-    model, tok = load_model()
-    assert answer_item(model, tok, item, None)["pred"] == d["pred"]
+    assert answer_item(load_model(), item, None)["pred"] == d["pred"]
 
 
 def test_ask_default_is_a_generated_sample():

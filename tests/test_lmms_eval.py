@@ -30,8 +30,8 @@ def checkpoint(tmp_path_factory):
     """A random needle-like Qwen2.5-VL saved like a real checkpoint (weights, tokenizer, processor)."""
     from transformers import AutoModelForImageTextToText
 
-    from adaspark.bench.needle import VOCABULARY
-    from adaspark.integrations.transformers.needle_model import (
+    from adaspark.needle import VOCABULARY
+    from adaspark.needle.model import (
         build_tokenizer,
         needle_config,
         write_processor_configs,
@@ -49,7 +49,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
-    from adaspark.integrations.lmms_eval.needle_task import write_task
+    from adaspark.needle.lmms_task import write_task
 
     d = tmp_path_factory.mktemp("lmms") / "needle-task"
     write_task(d, items=N_ITEMS, frames=32)
@@ -57,7 +57,7 @@ def task_dir(tmp_path_factory):
 
 
 def _docs(task_dir) -> list[dict]:
-    from adaspark.integrations.lmms_eval.needle_task import DOCS_FILE
+    from adaspark.needle.lmms_task import DOCS_FILE
 
     return [json.loads(line) for line in (task_dir / DOCS_FILE).read_text().splitlines()]
 
@@ -68,7 +68,7 @@ def _docs(task_dir) -> list[dict]:
 def test_import_adaspark_does_not_import_lmms_eval():
     code = (
         "import sys, adaspark, adaspark.integrations.lmms_eval, adaspark.integrations.lmms_eval.runner, "
-        "adaspark.integrations.lmms_eval.needle_task; print('lmms_eval' in sys.modules)"
+        "adaspark.needle.lmms_task; print('lmms_eval' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -113,8 +113,8 @@ def test_model_args_map_onto_the_config(checkpoint, tmp_path):
         ({"pretrained": "/no/such/dir"}, "is not a directory"),
         ({"p": 0}, r"AdaSparkConfig\.p must be in \(0, 1\]"),
         ({"p": "half"}, "p='half': expected a number"),
-        ({"granularity": "frame"}, "granularity must be one of"),
-        ({"cube": "4x4"}, "expected t x h x w"),
+        ({"granularity": "frame"}, "granularity='frame': expected one of token, cube"),
+        ({"cube": "4x4"}, "expected three integers"),
         ({"cube": "axbxc"}, "cube='axbxc'"),
         ({"dense": "maybe"}, "dense='maybe': expected true or false"),
         ({"dense": True, "p": 0.5}, r"dense=true cannot be combined with AdaSpark settings \(p\)"),
@@ -160,14 +160,14 @@ def test_a_directory_without_config_is_refused(tmp_path):
     ],
 )
 def test_extract_letter(text, letter):
-    from adaspark.integrations.lmms_eval.needle_task import extract_letter
+    from adaspark.needle.lmms_task import extract_letter
 
     assert extract_letter(text) == letter
 
 
 def test_task_files_and_functions(task_dir):
-    from adaspark.bench.needle import read_split
-    from adaspark.integrations.lmms_eval import needle_task as nt
+    from adaspark.needle import lmms_task as nt
+    from adaspark.needle import read_split
 
     docs = _docs(task_dir)
     items = read_split(task_dir)
@@ -185,7 +185,7 @@ def test_task_files_and_functions(task_dir):
 
 
 def test_task_command_bad_input(tmp_path, capsys):
-    from adaspark.integrations.lmms_eval.needle_task import main
+    from adaspark.needle.lmms_task import main
 
     assert main([str(tmp_path / "t"), "--items", "0"]) == 2
     assert main([str(tmp_path / "t"), "--tasks", "juggling"]) == 2
@@ -201,8 +201,8 @@ def _answer_all(runner, docs) -> list[str]:
     """What lmms-eval's evaluator hands a simple model, built by hand: requests + its task_dict."""
     from types import SimpleNamespace
 
-    from adaspark.integrations.lmms_eval.needle_task import doc_to_text, doc_to_visual
     from adaspark.integrations.lmms_eval.runner import answer_requests
+    from adaspark.needle.lmms_task import doc_to_text, doc_to_visual
 
     gen = {"max_new_tokens": 3, "temperature": 0, "do_sample": False, "until": ["\n\n"]}
     reqs = [

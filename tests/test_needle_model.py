@@ -16,8 +16,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("av")
 
 from adaspark import AdaSparkConfig
-from adaspark.bench.needle import VOCABULARY, make_item, make_split, render_frames
-from adaspark.integrations.transformers import needle_model as nm
+from adaspark.needle import VOCABULARY, make_item, make_split, render_frames
+from adaspark.needle import model as nm
 
 from conftest import decode_attn_density
 
@@ -27,6 +27,24 @@ SHIPPED = nm.DEFAULT_MODEL_DIR
 @pytest.fixture(scope="module")
 def tokenizer():
     return nm.build_tokenizer(VOCABULARY)
+
+
+def _loaded(model, tokenizer):
+    """A model and its tokenizer as the loader would hand them over (the needle model's settings)."""
+    from adaspark.integrations.transformers.adapters import get_adapter
+    from adaspark.integrations.transformers.loading import LoadedModel
+
+    return LoadedModel(model, tokenizer, get_adapter(model), nm.NEEDLE_VIDEO, "test")
+
+
+@pytest.fixture(scope="module")
+def small(tokenizer):
+    """A small untrained needle model (prompt layout and scoring need a model config)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(1)
+    cfg = nm.needle_config(tokenizer, hidden_size=32, intermediate_size=64, num_layers=2, vision_hidden=32)
+    return _loaded(Qwen2_5_VLForConditionalGeneration(cfg).eval(), tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +78,12 @@ def test_tokenizer_knows_the_benchmark_vocabulary(tokenizer):
     assert tokenizer.convert_ids_to_tokens(ids) == ["<|vision_start|>", "<|video_pad|>", "<|vision_end|>"]
 
 
-def test_prompt_layout(tokenizer):
+def test_prompt_layout(tokenizer, small):
     item = make_item("ordering", 32, 3, split="val")
     video = nm.preprocess_frames(render_frames(item), item.fps)
     assert video.video_grid_thw.tolist() == [[16, 8, 8]]
     assert video.num_llm_tokens == 16 * 16
-    inp = nm.encode_prompt(tokenizer, video, item.question, item.options)
+    inp = nm.encode_prompt(small, video, item.question, item.options)
     ids, types = inp["input_ids"][0], inp["mm_token_type_ids"][0]
     vid = tokenizer.convert_tokens_to_ids("<|video_pad|>")
     assert int((ids == vid).sum()) == video.num_llm_tokens
@@ -77,7 +95,7 @@ def test_prompt_layout(tokenizer):
     assert question == tokenizer.convert_ids_to_tokens(tokenizer(item.question.lower())["input_ids"])
     assert toks[-3:] == ["<|im_end|>", "<|im_start|>", "assistant"]  # the answer comes next
     assert inp["unknown_words"] == []
-    unknown = nm.encode_prompt(tokenizer, video, "what is a zebra ?", ["x", "y"])["unknown_words"]
+    unknown = nm.encode_prompt(small, video, "what is a zebra ?", ["x", "y"])["unknown_words"]
     assert unknown == ["is", "x", "y", "zebra"]
     # the answer of an option: its words, then <|im_end|>
     opts = nm.option_token_ids(tokenizer, ["circle, cross", "red"])
@@ -95,16 +113,12 @@ def test_prompt_layout(tokenizer):
     assert nm.prompt_text("What?", ["x", "y"]) == "What?\nA. x\nB. y\nAnswer with the letter."
 
 
-def test_option_scores_equal_a_full_forward(tokenizer):
+def test_option_scores_equal_a_full_forward(tokenizer, small):
     """The KV-cache continuation that scores multi-token options gives the log-probabilities of one
     forward over prompt + option (M-RoPE positions and cache cropping are right), dense and at p = 1."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    torch.manual_seed(1)
-    cfg = nm.needle_config(tokenizer, hidden_size=32, intermediate_size=64, num_layers=2, vision_hidden=32)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model = small.model
     item = next(it for s in range(40) if (it := make_item("ordering", 32, s)).question.startswith("In which"))
-    inp = nm.encode_prompt(tokenizer, nm.preprocess_frames(render_frames(item), item.fps), item.question)
+    inp = nm.encode_prompt(small, nm.preprocess_frames(render_frames(item), item.fps), item.question)
     opts = nm.option_token_ids(tokenizer, item.options)
     assert max(len(o) for o in opts) > 2  # multi-word options
     kw = {k: v for k, v in inp.items() if isinstance(v, torch.Tensor)}
@@ -143,7 +157,7 @@ def test_video_settings_follow_the_processor_config(tmp_path):
     # 112 x 112 frames become 56 x 56: 2 x 2 patches of 28 px per temporal patch
     frames = render_frames(make_item("retrieval", 16, 0))
     assert nm.preprocess_frames(frames, 2.0, got).num_llm_tokens == 8 * 4
-    assert nm.video_settings(tmp_path / "nothing-here") == nm.VideoSettings()
+    assert nm.video_settings(tmp_path / "nothing-here") == nm.NEEDLE_VIDEO
 
 
 def test_save_and_load_round_trip(tmp_path, tokenizer):
@@ -155,12 +169,13 @@ def test_save_and_load_round_trip(tmp_path, tokenizer):
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     nm.write_processor_configs(tmp_path)
-    loaded, tok = nm.load_model(tmp_path)
-    assert type(loaded).__name__ == "Qwen2_5_VLForConditionalGeneration"
-    assert nm.letter_token_ids(tok) == nm.letter_token_ids(tokenizer)
+    loaded = nm.load_model(tmp_path)
+    assert type(loaded.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert loaded.family == "Qwen2.5-VL" and loaded.settings == nm.NEEDLE_VIDEO
+    assert nm.letter_token_ids(loaded.tokenizer) == nm.letter_token_ids(tokenizer)
     item = make_item("counting", 32, 1)
-    a = nm.answer_item(model, tokenizer, item, None)
-    b = nm.answer_item(loaded, tok, item, None)
+    a = nm.answer_item(_loaded(model, tokenizer), item, None)
+    b = nm.answer_item(loaded, item, None)
     assert a["option_scores"] == pytest.approx(b["option_scores"], abs=1e-5)
 
 
@@ -203,8 +218,7 @@ def held_out():
 
 @pytest.fixture(scope="module")
 def dense_answers(shipped, held_out):
-    model, tok = shipped
-    return [nm.answer_item(model, tok, it, None) for it in held_out]
+    return [nm.answer_item(shipped, it, None) for it in held_out]
 
 
 def test_shipped_model_beats_chance(held_out, dense_answers):
@@ -217,19 +231,17 @@ def test_shipped_model_beats_chance(held_out, dense_answers):
 
 
 def test_adaspark_at_p_1_gives_identical_answers(shipped, held_out, dense_answers):
-    model, tok = shipped
     cfg = AdaSparkConfig(p=1.0)
     for it, d in zip(held_out[::3], dense_answers[::3], strict=True):
-        s = nm.answer_item(model, tok, it, cfg)
+        s = nm.answer_item(shipped, it, cfg)
         assert s["pred"] == d["pred"]
         assert s["option_scores"] == pytest.approx(d["option_scores"], abs=1e-4)
 
 
 def test_answer_item_reports_cost(shipped):
-    model, tok = shipped
     item = make_item("retrieval", 256, 5)
-    d = nm.answer_item(model, tok, item, None)
-    s = nm.answer_item(model, tok, item, AdaSparkConfig(p=0.5))
+    d = nm.answer_item(shipped, item, None)
+    s = nm.answer_item(shipped, item, AdaSparkConfig(p=0.5))
     for r in (d, s):
         assert isinstance(r["pred"], int) and 0 <= r["pred"] < 4
         assert r["seconds"] > 0 and r["video_tokens"] == 256 * 8
@@ -248,8 +260,8 @@ def _prefill_and_options(shipped, item, config):
     """The AdaSpark report of the prefill alone, the prompt length and the options' token ids."""
     import adaspark
 
-    model, tok = shipped
-    inp = nm.encode_prompt(tok, nm.preprocess_frames(render_frames(item), item.fps), item.question)
+    model, tok = shipped.model, shipped.tokenizer
+    inp = nm.encode_prompt(shipped, nm.preprocess_frames(render_frames(item), item.fps), item.question)
     kw = {k: v for k, v in inp.items() if isinstance(v, torch.Tensor)}
     with torch.inference_mode(), adaspark.patch(model, config) as handle:
         model(**kw, use_cache=True, logits_to_keep=1)
@@ -264,7 +276,7 @@ def test_option_continuations_run_sparse(shipped):
     config = AdaSparkConfig(p=0.5)
     inp, kw, prefill, opts = _prefill_and_options(shipped, item, config)
     n = int(kw["input_ids"].shape[1])
-    rep = nm.run_model(shipped[0], inp, opts, config)["report"]
+    rep = nm.run_model(shipped.model, inp, opts, config)["report"]
     steps = [(n, len(ids) - 1) for ids in opts if len(ids) > 1]
     assert rep.forward_calls == 1 + len(steps) > 1
     assert rep.tokens == n + sum(m for _, m in steps)
@@ -277,7 +289,7 @@ def test_generate_decodes_sparse(shipped):
     """``generate``: one report for the prefill and every decode step; the decode steps run sparse."""
     import adaspark
 
-    model, _ = shipped
+    model = shipped.model
     item = make_item("retrieval", 64, 3)
     config = AdaSparkConfig(p=0.5)
     _, kw, prefill, _ = _prefill_and_options(shipped, item, config)

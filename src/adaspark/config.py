@@ -211,3 +211,130 @@ class AdaSparkConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------ fields as options
+@dataclass(frozen=True)
+class FieldSpec:
+    """How one :class:`AdaSparkConfig` field is written as an option (CLI flag, ``key=value``).
+
+    Attributes:
+        name: the field name.
+        kind: ``"float"``, ``"int"``, ``"bool"``, ``"choice"``, ``"ints"`` (a sequence of ints) or
+            ``"int3"`` (exactly three ints, the cube).
+        optional: ``None`` is a valid value.
+        choices: the allowed values of a ``"choice"`` field.
+        default: the field's default.
+    """
+
+    name: str
+    kind: str
+    optional: bool
+    choices: tuple[str, ...] = ()
+    default: object = None
+
+
+def config_fields() -> dict[str, FieldSpec]:
+    """Every field of :class:`AdaSparkConfig` with how it is parsed, derived from its type hints
+    (one source for the CLI flags of every command and for the lmms-eval ``model_args``)."""
+    import typing
+
+    hints = typing.get_type_hints(AdaSparkConfig)
+    out: dict[str, FieldSpec] = {}
+    for f in dataclasses.fields(AdaSparkConfig):
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), hint) if optional else hint
+        origin = typing.get_origin(base)
+        if origin is typing.Literal:
+            spec = FieldSpec(f.name, "choice", optional, tuple(typing.get_args(base)), f.default)
+        elif base is bool:
+            spec = FieldSpec(f.name, "bool", optional, default=f.default)
+        elif base is int:
+            spec = FieldSpec(f.name, "int", optional, default=f.default)
+        elif base is float:
+            spec = FieldSpec(f.name, "float", optional, default=f.default)
+        elif origin is tuple and typing.get_args(base)[-1:] == (Ellipsis,):
+            spec = FieldSpec(f.name, "ints", optional, default=f.default)
+        elif origin is tuple:
+            spec = FieldSpec(f.name, "int3", optional, default=f.default)
+        else:  # pragma: no cover - a new field of a type nobody taught this function
+            raise TypeError(f"AdaSparkConfig.{f.name}: no option form for the type {hint!r}")
+        out[f.name] = spec
+    return out
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def parse_field(name: str, value, *, what: str | None = None):
+    """``value`` (a string such as ``"0.5"``, ``"4x4x4"``, ``"true"``, ``"none"``, or an already typed
+    value) as the value of field ``name``; a ``ValueError`` names ``what name`` (default
+    ``AdaSparkConfig.name``)."""
+    specs = config_fields()
+    label = f"{what} {name}" if what else f"AdaSparkConfig.{name}"
+    if name not in specs:
+        raise ValueError(f"{label}: not an AdaSparkConfig field; fields: {', '.join(specs)}")
+    spec = specs[name]
+    text = value.strip() if isinstance(value, str) else None
+    if spec.optional and (value is None or (text is not None and text.lower() in {"none", "null", ""})):
+        return None
+    if spec.kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        if text is not None and text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        raise ValueError(f"{label}={value!r}: expected true or false")
+    if spec.kind == "choice":
+        if value not in spec.choices:
+            raise ValueError(f"{label}={value!r}: expected one of {', '.join(spec.choices)}")
+        return value
+    if spec.kind in ("int", "float"):
+        expected = "an integer" if spec.kind == "int" else "a number"
+        try:
+            num = math.nan if isinstance(value, bool) else float(value)
+        except (TypeError, ValueError):
+            num = math.nan
+        if not math.isfinite(num) or (spec.kind == "int" and not num.is_integer()):
+            raise ValueError(f"{label}={value!r}: expected {expected}")
+        return int(num) if spec.kind == "int" else num
+    # int sequences: "4x4x4", "4,4,4", "0;-1" (lmms-eval's model_args split on commas), or a sequence
+    if spec.kind == "ints" and (value is None or (text is not None and text.lower() in {"none", "null", ""})):
+        return ()
+    if text is not None:
+        parts = [p for p in text.replace("x", ",").replace(";", ",").replace(" ", ",").split(",") if p]
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        parts = [value]
+    else:
+        parts = list(value)
+    try:
+        ints = [parse_field_int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"{label}={value!r}: expected integers such as 4x4x4 or 0,1") from None
+    if spec.kind == "int3" and len(ints) == 1:
+        ints = ints * 3  # one size for t, h and w
+    if spec.kind == "int3" and len(ints) != 3:
+        raise ValueError(f"{label}={value!r}: expected three integers such as 4x4x4")
+    return tuple(ints)
+
+
+def parse_field_int(value) -> int:
+    if isinstance(value, bool):
+        raise ValueError(value)
+    num = float(value)
+    if not num.is_integer():
+        raise ValueError(value)
+    return int(num)
+
+
+def config_from_options(
+    options: dict, *, base: AdaSparkConfig | None = None, what: str = "option"
+) -> AdaSparkConfig:
+    """An :class:`AdaSparkConfig` from ``{field: value}`` with string or typed values (unknown keys
+    raise ``ValueError``); the fields not given keep ``base`` (default: the defaults)."""
+    parsed = {k: parse_field(k, v, what=what) for k, v in options.items()}
+    return (base or AdaSparkConfig()).replace(**parsed)

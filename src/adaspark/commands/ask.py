@@ -21,10 +21,18 @@ import time
 from pathlib import Path
 
 from adaspark import __version__
+from adaspark.commands.common import (
+    add_config_arguments,
+    config_from_args,
+    number,
+    positive_int,
+)
 from adaspark.commands.errors import UsageError, fail
 
 __all__ = ["DEFAULT_FRAMES", "DEFAULT_P", "add_parser", "format_result", "run"]
 
+#: the AdaSparkConfig fields ask takes as flags (--p, --cube, ...)
+CONFIG_FLAGS = ("p", "cube", "policy", "backend", "granularity")
 #: p of the AdaSpark run unless --p says otherwise
 DEFAULT_P = 0.5
 #: frames of the generated sample (256 temporal patches, 4096 video tokens)
@@ -35,27 +43,13 @@ _TASKS = ("retrieval", "ordering", "counting")
 _LETTERS = "ABCD"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
 # ---------------------------------------------------------------------------------------- parser
 def add_parser(commands) -> argparse.ArgumentParser:
     """Register ``ask`` (and its alias ``demo``) on the ``adaspark`` sub-command parser."""
-    from adaspark.config import BACKENDS, GRANULARITIES, POLICIES
     from adaspark.video import SAMPLE_VIDEOS
 
     parser = commands.add_parser(
@@ -90,7 +84,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     gen.add_argument("--task", choices=_TASKS, default="retrieval", help="task family (default %(default)s)")
     gen.add_argument(
         "--frames",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_FRAMES,
         help="frames of the generated video, even, >= 16 (default %(default)s)",
     )
@@ -101,33 +95,20 @@ def add_parser(commands) -> argparse.ArgumentParser:
         help="checkpoint directory (save_pretrained; default: the model shipped with adaspark)",
     )
     sampling = parser.add_mutually_exclusive_group()
-    sampling.add_argument("--fps", type=_number, metavar="F", help="sample VIDEO at this rate (default 2)")
-    sampling.add_argument("--num-frames", type=_positive_int, metavar="N", help="sample N frames of VIDEO")
-    parser.add_argument(
-        "--p",
-        type=_number,
-        default=DEFAULT_P,
-        help="Top-p threshold of AdaSpark, in (0, 1] (default %(default)s)",
-    )
-    parser.add_argument(
-        "--cube", type=int, nargs=3, metavar=("T", "H", "W"), default=None, help="cube size (default 4 4 4)"
-    )
-    parser.add_argument(
-        "--policy", choices=POLICIES, default="top_p", help="selection policy (default top_p)"
-    )
-    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="AdaSpark kernels (default auto)")
-    parser.add_argument(
-        "--granularity",
-        choices=GRANULARITIES,
-        default=None,
-        help="cube selection per cube or per token (default: AdaSparkConfig's)",
+    sampling.add_argument("--fps", type=number, metavar="F", help="sample VIDEO at this rate (default 2)")
+    sampling.add_argument("--num-frames", type=positive_int, metavar="N", help="sample N frames of VIDEO")
+    add_config_arguments(
+        parser,
+        CONFIG_FLAGS,
+        defaults={"p": DEFAULT_P},
+        helps={"p": "Top-p threshold of AdaSpark, in (0, 1]", "cube": "cube size (t, h, w) in LM tokens"},
     )
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="model dtype (default float32)"
     )
     parser.add_argument(
         "--repeats",
-        type=_positive_int,
+        type=positive_int,
         default=3,
         help="timed runs of each path, interleaved, after a warm-up; medians are printed (default 3)",
     )
@@ -140,14 +121,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------- checks
 def _check(args: argparse.Namespace):
     """Everything that can be checked before any work; returns the AdaSpark config."""
-    from adaspark.config import AdaSparkConfig
 
-    fields = {"p": args.p, "policy": args.policy, "backend": args.backend}
-    if args.granularity is not None:
-        fields["granularity"] = args.granularity
-    if args.cube is not None:
-        fields["cube"] = tuple(args.cube)
-    config = AdaSparkConfig(**fields)  # ValueError names the field
+    config = config_from_args(args, CONFIG_FLAGS)  # ValueError names the field
     if args.video is not None and args.sample is not None:
         raise UsageError("give either VIDEO or --sample, not both")
     has_video = args.video is not None or args.sample is not None
@@ -181,19 +156,16 @@ def _check(args: argparse.Namespace):
 def _load(args: argparse.Namespace):
     import torch
 
-    from adaspark.integrations.transformers.needle_model import load_model, video_settings
+    from adaspark.needle.model import load_model
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model, tokenizer = load_model(args.model, dtype=dtype)
-    return model, tokenizer, video_settings(args.model)
+    return load_model(args.model, dtype=dtype)
 
 
-def _source(args: argparse.Namespace, settings) -> dict:
+def _source(args: argparse.Namespace, loaded) -> dict:
     """The video (frames + where they came from), the question and the options."""
-    from adaspark.integrations.transformers.needle_model import preprocess_frames
-
     if args.video is None and args.sample is None:
-        from adaspark.bench.needle import make_item, render_frames
+        from adaspark.needle import make_item, render_frames
 
         item = make_item(args.task, args.frames, args.seed, split="test")
         frames = render_frames(item)
@@ -201,7 +173,7 @@ def _source(args: argparse.Namespace, settings) -> dict:
             "kind": "generated",
             "item": item,
             "frames": frames,
-            "video": preprocess_frames(frames, item.fps, settings),
+            "video": loaded.preprocess(frames, item.fps),
             "question": item.question,
             "options": list(item.options),
             "answer": item.answer,
@@ -217,14 +189,14 @@ def _source(args: argparse.Namespace, settings) -> dict:
     from adaspark.video import read_video, sample_video_path
 
     path = Path(args.video).expanduser() if args.video is not None else sample_video_path(args.sample)
-    fps = None if args.num_frames else (args.fps if args.fps is not None else settings.fps)
+    fps = None if args.num_frames else (args.fps if args.fps is not None else loaded.settings.fps)
     frames, meta = read_video(path, fps=fps, num_frames=args.num_frames, temporal_patch_size=2)
     question = args.question if args.question is not None else DEFAULT_QUESTION
     options = list(args.options) if args.options else ["circle", "square", "triangle", "cross"]
     return {
         "kind": "file",
         "frames": frames,
-        "video": preprocess_frames(frames, meta.sampled_fps, settings),
+        "video": loaded.preprocess(frames, meta.sampled_fps),
         "question": question,
         "options": options,
         "answer": None,
@@ -246,13 +218,14 @@ def _one(result: dict) -> dict:
     return result
 
 
-def _run(args, config, model, tokenizer, src: dict, bar) -> dict:
+def _run(args, config, loaded, src: dict, bar) -> dict:
     import torch
 
-    from adaspark.integrations.transformers.needle_model import encode_prompt, option_token_ids, run_model
+    from adaspark.needle.model import encode_prompt, option_token_ids, run_model
 
-    inputs = encode_prompt(tokenizer, src["video"], src["question"], src["options"])
-    options_ids = option_token_ids(tokenizer, src["options"])
+    model = loaded.model
+    inputs = encode_prompt(loaded, src["video"], src["question"], src["options"])
+    options_ids = option_token_ids(loaded.tokenizer, src["options"])
     # warm-up: one-time costs (allocator, thread pools, the vision encoder's FLOP count) are paid here
     bar.set_description("warm up")
     run_model(model, inputs, options_ids, None)
@@ -279,12 +252,13 @@ def _run(args, config, model, tokenizer, src: dict, bar) -> dict:
         "model": {
             "path": str(args.model) if args.model else "shipped",
             "type": model.config.model_type,
+            "family": loaded.family,
             "layers": tc.num_hidden_layers,
             "hidden": tc.hidden_size,
             "intermediate": tc.intermediate_size,
             "heads": tc.num_attention_heads,
             "kv_heads": tc.num_key_value_heads,
-            "vision_depth": vc.depth,
+            "vision_depth": getattr(vc, "depth", getattr(vc, "num_hidden_layers", None)),
             "vision_hidden": vc.hidden_size,
             "parameters": sum(p.numel() for p in model.parameters()),
             "dtype": args.dtype,
@@ -427,14 +401,14 @@ def run(args: argparse.Namespace) -> int:
         bar.set_description("load model")
         start = time.perf_counter()
         try:
-            model, tokenizer, settings = _load(args)
+            loaded = _load(args)
         except (OSError, ValueError, ImportError) as e:
             return fail(f"cannot load the model: {e}")
         bar.update()
         bar.set_description("prepare video")
-        src = _source(args, settings)
+        src = _source(args, loaded)
         bar.update()
-        result = _run(args, config, model, tokenizer, src, bar)
+        result = _run(args, config, loaded, src, bar)
         result["total_s"] = time.perf_counter() - start
     finally:
         bar.close()

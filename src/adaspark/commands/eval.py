@@ -1,12 +1,12 @@
 """``adaspark eval``: the needle benchmark for the dense model and a sweep of AdaSpark variants.
 
-Variants (:func:`adaspark.bench.evaluate.standard_variants`): dense; Top-p at every ``--ps`` value;
+Variants (:func:`adaspark.needle.evaluate.standard_variants`): dense; Top-p at every ``--ps`` value;
 the fixed ``top_k`` and ``ratio`` policies at (approximately) the FLOPs of Top-p at the same p (the
 ``p²`` prior, or measured with ``--calibrate``); Top-p without mean compensation. Items come from
 the generator (``--split``, ``--lengths``, ``--n``) or from a stored split (``--data DIR``).
 
 Results go to ``--out``: ``results.jsonl`` (one line per item and variant, written as it comes),
-``summary.csv``, ``summary.md`` and ``accuracy_vs_flops.png`` (:func:`adaspark.bench.evaluate.run_eval`)
+``summary.csv``, ``summary.md`` and ``accuracy_vs_flops.png`` (:func:`adaspark.needle.evaluate.run_eval`)
 and ``eval_config.json``. A killed run resumes where it stopped when the same command is run again.
 
 Exit codes: 0 success, 2 bad input (one line on stderr), 130 interrupted (results so far are kept).
@@ -20,7 +20,16 @@ import time
 from pathlib import Path
 
 from adaspark import __version__
+from adaspark.commands.common import (
+    add_config_arguments,
+    config_from_args,
+    fraction,
+    positive_int,
+)
 from adaspark.commands.errors import UsageError, fail
+
+#: the AdaSparkConfig fields eval takes as flags (the base of every variant)
+CONFIG_FLAGS = ("backend", "granularity", "cube")
 
 __all__ = ["DEFAULT_LENGTHS", "DEFAULT_PS", "add_parser", "make_answer_fn", "run"]
 
@@ -30,30 +39,13 @@ _TASKS = ("retrieval", "ordering", "counting")
 _FAMILIES = ("top_p", "top_k", "ratio", "no_comp")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------- parser
 def add_parser(commands) -> argparse.ArgumentParser:
     """Register ``eval`` on the ``adaspark`` sub-command parser."""
-    from adaspark.config import BACKENDS, GRANULARITIES
 
     parser = commands.add_parser(
         "eval",
@@ -69,14 +61,14 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--split", choices=("test", "val", "train"), default="test", help="(default test)")
     parser.add_argument(
         "--lengths",
-        type=_positive_int,
+        type=positive_int,
         nargs="+",
         default=list(DEFAULT_LENGTHS),
         metavar="FRAMES",
         help=f"video lengths in frames (default {' '.join(map(str, DEFAULT_LENGTHS))})",
     )
     parser.add_argument(
-        "--n", type=_positive_int, default=4, help="items per (length, task) cell (default %(default)s)"
+        "--n", type=positive_int, default=4, help="items per (length, task) cell (default %(default)s)"
     )
     parser.add_argument(
         "--tasks", choices=_TASKS, nargs="+", default=list(_TASKS), help="(default: all three)"
@@ -89,7 +81,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--ps",
-        type=_fraction,
+        type=fraction,
         nargs="+",
         default=list(DEFAULT_PS),
         metavar="P",
@@ -111,16 +103,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
         "(default 0: the p^2 prior)",
     )
     parser.add_argument("--model", metavar="PATH", help="checkpoint directory (default: the shipped model)")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="AdaSpark kernels (default auto)")
-    parser.add_argument(
-        "--granularity",
-        choices=GRANULARITIES,
-        default=None,
-        help="cube selection per cube or per token (default: AdaSparkConfig's)",
-    )
-    parser.add_argument(
-        "--cube", type=int, nargs=3, metavar=("T", "H", "W"), default=None, help="cube size (default 4 4 4)"
-    )
+    add_config_arguments(parser, CONFIG_FLAGS)
     parser.add_argument(
         "--out", metavar="DIR", default="adaspark-eval", help="output directory (default %(default)s)"
     )
@@ -131,11 +114,11 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------- answers
-def make_answer_fn(model, tokenizer, settings=None, data_dir=None):
-    """An ``AnswerFn`` for :func:`adaspark.bench.evaluate.run_eval` that keeps the current item's inputs
+def make_answer_fn(loaded, settings=None, data_dir=None):
+    """An ``AnswerFn`` for :func:`adaspark.needle.evaluate.run_eval` that keeps the current item's inputs
     (the harness runs all variants of one item in a row)."""
-    from adaspark.bench.needle import load_frames
-    from adaspark.integrations.transformers.needle_model import (
+    from adaspark.needle import load_frames
+    from adaspark.needle.model import (
         encode_prompt,
         option_token_ids,
         preprocess_frames,
@@ -147,14 +130,14 @@ def make_answer_fn(model, tokenizer, settings=None, data_dir=None):
     def answer_fn(item, variant) -> dict:
         if cache.get("id") != item.id:
             frames = load_frames(item, data_dir)
-            video = preprocess_frames(frames, item.fps, settings)
+            video = preprocess_frames(frames, item.fps, settings or loaded.settings)
             cache.clear()
             cache.update(
                 id=item.id,
-                inputs=encode_prompt(tokenizer, video, item.question),
-                options=option_token_ids(tokenizer, item.options),
+                inputs=encode_prompt(loaded, video, item.question),
+                options=option_token_ids(loaded.tokenizer, item.options),
             )
-        r = run_model(model, cache["inputs"], cache["options"], variant.config)
+        r = run_model(loaded.model, cache["inputs"], cache["options"], variant.config)
         r.pop("report")
         return r
 
@@ -163,14 +146,8 @@ def make_answer_fn(model, tokenizer, settings=None, data_dir=None):
 
 # ---------------------------------------------------------------------------------------- run
 def _check(args: argparse.Namespace):
-    from adaspark.config import AdaSparkConfig
 
-    fields = {"backend": args.backend}
-    if args.granularity is not None:
-        fields["granularity"] = args.granularity
-    if args.cube is not None:
-        fields["cube"] = tuple(args.cube)
-    base = AdaSparkConfig(**fields)
+    base = config_from_args(args, CONFIG_FLAGS)
     for length in args.lengths:
         if length < 16 or length % 2:
             raise UsageError(f"--lengths: every length must be an even number >= 16, got {length}")
@@ -200,7 +177,7 @@ def _check(args: argparse.Namespace):
 
 
 def _items(args):
-    from adaspark.bench.needle import make_split, read_split
+    from adaspark.needle import make_split, read_split
 
     if args.data is not None:
         items = read_split(Path(args.data).expanduser())
@@ -224,13 +201,13 @@ def run(args: argparse.Namespace) -> int:
         items = _items(args)
     except (ValueError, FileNotFoundError) as e:
         return fail(e)
-    from adaspark.bench.evaluate import calibrate_budgets, run_eval, standard_variants
     from adaspark.core.io import atomic_write_json
-    from adaspark.integrations.transformers.needle_model import load_model, video_settings
+    from adaspark.needle.evaluate import calibrate_budgets, run_eval, standard_variants
+    from adaspark.needle.model import load_model
 
     try:
-        model, tokenizer = load_model(args.model)
-        settings = video_settings(args.model)
+        loaded = load_model(args.model)
+        settings = loaded.settings
     except (OSError, ValueError, ImportError) as e:
         return fail(f"cannot load the model: {e}")
     out = Path(args.out).expanduser()
@@ -239,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         return fail(f"--out {args.out!r}: cannot create the directory ({e})")
     data_dir = Path(args.data).expanduser() if args.data is not None else None
-    answer_fn = make_answer_fn(model, tokenizer, settings, data_dir)
+    answer_fn = make_answer_fn(loaded, settings, data_dir)
     start = time.perf_counter()
     try:
         budgets = None

@@ -1,6 +1,6 @@
 """``adaspark show``: pictures of what AdaSpark selects on one video.
 
-Runs a Qwen2.5-VL / Qwen2-VL checkpoint patched with AdaSpark on a video and question, recomputes
+Runs a checkpoint of a supported family patched with AdaSpark on a video and question, recomputes
 from the very queries, keys and residual streams of that run the cube sets and FFN tokens with the
 library's own selection functions (so the pictures show exactly what AdaSpark did; the per-layer
 means are checked against ``handle.report()`` and both are written to ``show.json``), and renders:
@@ -21,11 +21,12 @@ import math
 import time
 
 from adaspark import __version__
-from adaspark.commands.analyze import (
+from adaspark.commands.common import (
     add_common_arguments,
+    add_config_arguments,
     check_common,
     check_matplotlib,
-    fraction,
+    config_from_args,
     json_ready,
     load_errors,
     model_info,
@@ -38,6 +39,8 @@ from adaspark.commands.errors import UsageError, fail
 __all__ = ["add_parser", "run"]
 
 _MERGED_PATCH = 28
+#: the AdaSparkConfig fields show takes as flags (besides --cube, shared with analyze)
+CONFIG_FLAGS = ("p", "p_attn", "p_ffn", "granularity")
 
 
 def _query(text: str) -> str | int:
@@ -57,21 +60,23 @@ def add_parser(commands) -> argparse.ArgumentParser:
         "show",
         help="render PNGs of what AdaSpark selects: kept cubes, skipped FFN tokens, selection timeline",
         description=(
-            "Run a Qwen2.5-VL / Qwen2-VL model with AdaSpark on a video and draw the cubes one query "
+            "Run a model (Qwen2.5-VL, Qwen2-VL, Qwen3-VL or LLaVA-OneVision) with AdaSpark on a video "
+            "and draw the cubes one query "
             "keeps (heat map over sampled frames), the tokens whose FFN was skipped, and a timeline of "
             "cube selection frequency over the video and all layers. Writes show.json and PNGs into --out."
         ),
     )
     add_common_arguments(parser, out_default="adaspark-show")
-    parser.add_argument(
-        "--p", type=fraction, default=0.5, help="Top-p threshold of both modules (default %(default)s)"
-    )
-    parser.add_argument("--p-attn", type=fraction, metavar="P", help="AdaS-Attn threshold (default: --p)")
-    parser.add_argument("--p-ffn", type=fraction, metavar="P", help="AdaS-FFN threshold (default: --p)")
-    parser.add_argument(
-        "--granularity",
-        choices=("token", "cube"),
-        help="cube selection per query token or shared per cube (default: AdaSparkConfig's)",
+    add_config_arguments(
+        parser,
+        CONFIG_FLAGS,
+        defaults={"p": 0.5},
+        helps={
+            "p": "Top-p threshold of both modules",
+            "p_attn": "AdaS-Attn threshold (none: --p)",
+            "p_ffn": "AdaS-FFN threshold (none: --p)",
+            "granularity": "cube selection per query token or shared per cube",
+        },
     )
     parser.add_argument(
         "--query",
@@ -137,16 +142,12 @@ def _needle_boxes(needles, frame_index: int, scale_y: float, scale_x: float) -> 
 
 def run(args: argparse.Namespace) -> int:
     """``adaspark show``: returns the exit code."""
-    from adaspark.config import AdaSparkConfig
     from adaspark.core.io import atomic_write_json
 
     try:
         check_common(args)
         check_matplotlib()
-        fields = {"p": args.p, "p_attn": args.p_attn, "p_ffn": args.p_ffn, "cube": tuple(args.cube)}
-        if args.granularity is not None:
-            fields["granularity"] = args.granularity
-        config = AdaSparkConfig(**fields)
+        config = config_from_args(args, (*CONFIG_FLAGS, "cube"))
         if args.width < 400:
             raise UsageError(f"--width must be at least 400 pixels, got {args.width}")
         out = output_dir(args)
@@ -168,7 +169,8 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from adaspark.integrations.transformers.analysis import capture_selection, decode_token
+    from adaspark.integrations.transformers.analysis import capture_selection
+    from adaspark.integrations.transformers.loading import decode_token
 
     start = time.perf_counter()
     try:

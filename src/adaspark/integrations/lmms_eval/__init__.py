@@ -1,11 +1,13 @@
-"""lmms-eval integration: the model ``adaspark_qwen2_5_vl`` and a local needle task.
+"""lmms-eval integration: the model ``adaspark_qwen2_5_vl``.
 
 lmms-eval is optional (``pip install 'adaspark[lmms]'``): nothing here imports it at import time.
 
 - :mod:`.runner` — ``--model_args`` parsing and the request handling (no lmms-eval import).
 - :mod:`.model` — the ``lmms`` subclass lmms-eval instantiates (imports lmms-eval).
-- :mod:`.needle_task` — writes a small multiple-choice lmms-eval task from the needle benchmark
-  (``python -m adaspark.integrations.lmms_eval.needle_task DIR``), for ``--include_path DIR``.
+
+A small multiple-choice lmms-eval task from the needle benchmark is the application's
+(:mod:`adaspark.needle.lmms_task`: ``python -m adaspark.needle.lmms_task DIR``, then
+``--include_path DIR``).
 
 lmms-eval finds the model through the entry point group ``lmms_eval.models`` declared in
 adaspark's ``pyproject.toml``, which points at :func:`model_manifest`.

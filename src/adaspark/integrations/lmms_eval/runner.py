@@ -14,6 +14,7 @@ The lmms-eval class in :mod:`adaspark.integrations.lmms_eval.model` is a thin ad
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -24,17 +25,13 @@ from pathlib import Path
 
 import torch
 
-from adaspark.config import AdaSparkConfig
+from adaspark.config import AdaSparkConfig, config_fields, parse_field
 
 __all__ = ["MODEL_ARGS", "RunSettings", "Runner", "answer_requests", "parse_model_args", "summarize_records"]
 
 # ------------------------------------------------------------------------------ model_args
-_CONFIG_FLOATS = ("p", "p_attn", "p_ffn", "ratio", "dense_fallback")
-_CONFIG_INTS = ("top_k", "top_k_tokens", "min_cubes", "max_cubes", "query_block")
-_CONFIG_BOOLS = ("sparse_attn", "sparse_ffn", "mean_compensation", "images_as_video")
-_CONFIG_STRS = ("policy", "granularity", "backend")
-_CONFIG_OPTIONAL = ("p_attn", "p_ffn", "max_cubes", "query_block", "dense_fallback")
-_CONFIG_KEYS = (*_CONFIG_FLOATS, *_CONFIG_INTS, *_CONFIG_BOOLS, *_CONFIG_STRS, "cube", "dense_layers")
+#: the AdaSparkConfig fields, each a model_arg of its own (parsed by adaspark.config.parse_field)
+_CONFIG_KEYS = tuple(config_fields())
 
 #: model_args that are not AdaSparkConfig fields, with their meaning
 RUN_ARGS: dict[str, str] = {
@@ -99,40 +96,9 @@ def _as_int(key: str, value) -> int:
     raise ValueError(f"model_args {key}={value!r}: expected an integer")
 
 
-def _as_int_list(key: str, value, sep: str, what: str) -> list[int]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [_as_int(key, value)]
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"model_args {key}={value!r}: expected {what}")
-    try:
-        return [_as_int(key, part) for part in value.strip().split(sep)]
-    except ValueError:
-        raise ValueError(f"model_args {key}={value!r}: expected {what}") from None
-
-
 def _config_value(key: str, value):
-    if key in _CONFIG_OPTIONAL and _is_none(value):
-        return None
-    if key in _CONFIG_FLOATS:
-        return _as_float(key, value)
-    if key in _CONFIG_INTS:
-        return _as_int(key, value)
-    if key in _CONFIG_BOOLS:
-        return _as_bool(key, value)
-    if key in _CONFIG_STRS:
-        return str(value).strip()
-    if key == "cube":  # "4x4x4" (t x h x w LM tokens) or one number for all three
-        sizes = _as_int_list(key, value, "x", "a cube size such as 4x4x4 (t x h x w) or 4")
-        if len(sizes) == 1:
-            sizes = sizes * 3
-        if len(sizes) != 3:
-            raise ValueError(f"model_args cube={value!r}: expected t x h x w, such as 4x4x4")
-        return tuple(sizes)
-    if key == "dense_layers":  # "0;-1" (semicolons: commas separate model_args)
-        if _is_none(value):
-            return ()
-        return tuple(_as_int_list(key, value, ";", "layer indices separated by ';', such as 0;-1"))
-    raise AssertionError(key)  # pragma: no cover - keys come from _CONFIG_KEYS
+    """A model_arg that is an AdaSparkConfig field (``cube=4x4x4`` or ``4``, ``dense_layers=0;-1``)."""
+    return parse_field(key, value, what="model_args")
 
 
 @dataclass(frozen=True)
@@ -259,43 +225,6 @@ def parse_model_args(args: dict | str | None) -> RunSettings:
     )
 
 
-# ------------------------------------------------------------------------------ video settings
-def checkpoint_video_settings(directory: Path) -> dict:
-    """``load_video`` keyword arguments from the checkpoint's processor configs.
-
-    Pixel bounds come only from ``video_preprocessor_config.json`` (a real Qwen2.5-VL's
-    ``preprocessor_config.json`` holds the *image* bounds, far too large per video frame); patch
-    geometry and normalisation from either file. Missing values keep :func:`load_video`'s
-    defaults, which are those of transformers' ``Qwen2VLVideoProcessor``.
-    """
-    out: dict = {}
-    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):  # video wins
-        f = directory / name
-        if not f.is_file():
-            continue
-        try:
-            d = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{f}: cannot read the processor config: {e}") from None
-        for key in ("patch_size", "temporal_patch_size", "merge_size"):
-            if d.get(key) is not None:
-                out[key] = int(d[key])
-        for key in ("image_mean", "image_std"):
-            if d.get(key) is not None:
-                out[key] = tuple(float(x) for x in d[key])
-        if name.startswith("video"):
-            size = d.get("size") or {}
-            lo = size.get("shortest_edge", d.get("min_pixels"))
-            hi = size.get("longest_edge", d.get("max_pixels"))
-            if lo is not None:
-                out["min_pixels"] = int(lo)
-            if hi is not None:
-                out["max_pixels"] = int(hi)
-            if d.get("fps"):
-                out["fps"] = float(d["fps"])
-    return out
-
-
 # ------------------------------------------------------------------------------ records
 def summarize_records(records: list[dict]) -> dict:
     """Totals over per-request records: requests, FLOPs dense / executed and the saved fraction."""
@@ -324,7 +253,7 @@ class Runner:
     """A loaded checkpoint that answers video requests, dense or with AdaSpark, and records the cost."""
 
     def __init__(self, settings: RunSettings) -> None:
-        from adaspark.integrations.transformers.analysis import load_model
+        from adaspark.integrations.transformers.loading import load_model
 
         self.settings = settings
         try:
@@ -336,10 +265,12 @@ class Runner:
                 f"model_args pretrained={str(settings.pretrained)!r} has no tokenizer files; "
                 "the lmms-eval model needs one to read prompts and write answers"
             )
+        self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = torch.device(settings.device)
-        self.video_kwargs = {**checkpoint_video_settings(settings.pretrained), **settings.video}
+        vs = loaded.settings  # the checkpoint's processor configs, read by the one reader
+        self.video_kwargs = {**vs.video_kwargs(), "fps": vs.fps, **settings.video}
         # the dense run still goes through the patch (both modules off), so that the same counters
         # report its FLOPs
         self.config = settings.config or AdaSparkConfig(sparse_attn=False, sparse_ffn=False)
@@ -347,20 +278,31 @@ class Runner:
 
     # ---------------------------------------------------------------- prompt and video
     def _video(self, visual):
-        from adaspark.video import load_video
+        from adaspark.integrations.transformers.adapters import QWEN2_5_VL, QWEN2_VL
+        from adaspark.video import load_video, read_video
 
         path = Path(str(visual))
         if not path.is_file():
             raise ValueError(f"video {str(path)!r} does not exist")
-        return load_video(path, **self.video_kwargs)
+        if self.loaded.adapter in (QWEN2_5_VL, QWEN2_VL):
+            return load_video(path, **self.video_kwargs)
+        # other families: the Qwen frame sampling, then the family's own preprocessing
+        kw = self.video_kwargs
+        frames, meta = read_video(
+            path,
+            fps=None if kw.get("num_frames") else kw.get("fps"),
+            num_frames=kw.get("num_frames"),
+            max_frames=kw.get("max_frames"),
+            temporal_patch_size=self.loaded.settings.temporal_patch_size,
+        )
+        bounds = {k: kw[k] for k in ("min_pixels", "max_pixels") if k in kw}
+        settings = dataclasses.replace(self.loaded.settings, **bounds)
+        return self.loaded.adapter.preprocess_video(self.model, frames, meta.sampled_fps, settings)
 
     def _inputs(self, text: str, video) -> dict:
-        from adaspark.integrations.transformers.analysis import build_prompt
-
         # placeholders of other models' prompt conventions; the video goes where the template puts it
         text = text.replace("<video>", "").replace("<image>", "").strip()
-        inputs = build_prompt(self.model, self.tokenizer, int(video.num_llm_tokens), text)
-        inputs.update(video.as_model_kwargs())
+        inputs = self.loaded.inputs(video, text)
         return {k: v.to(self.device) for k, v in inputs.items()}
 
     # ---------------------------------------------------------------- generation

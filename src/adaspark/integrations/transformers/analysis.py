@@ -1,4 +1,4 @@
-"""Measurements inside a Hugging Face Qwen2.5-VL / Qwen2-VL forward: the paper's preliminary analysis
+"""Measurements inside a supported Video-LLM's forward: the paper's preliminary analysis
 (``adaspark analyze``) and the cubes and tokens AdaSpark selects (``adaspark show``).
 
 Nothing here rewrites a model's forward. Two taps observe it:
@@ -18,10 +18,8 @@ keys of that very run, the cube sets and FFN tokens with the library's own selec
 :func:`~adaspark.ops.ffn.common.select_ffn_tokens`), so the pictures show exactly what AdaSpark did;
 its per-layer means equal those of ``handle.report()``.
 
-Loading: :func:`load_model` opens any saved Qwen2.5-VL / Qwen2-VL checkpoint directory
-(``from_pretrained``) or, without a path, the trained default model shipped with the package;
-:func:`build_prompt` lays out the prompt (the checkpoint's tokenizer and chat template when it has
-them, otherwise plain ids).
+Models are opened with :func:`adaspark.integrations.transformers.loading.load_model` (the one
+loader); every family of the adapter registry works.
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -43,144 +40,28 @@ from adaspark.core.analysis import (
     ffn_ratio,
     summarize,
 )
-from adaspark.core.layout import Layout, build_layout
+from adaspark.core.layout import Layout
 from adaspark.integrations.transformers import attention as attn_backend
 from adaspark.integrations.transformers import compat
+from adaspark.integrations.transformers.adapters import get_adapter
 from adaspark.ops.attention.common import AttentionStats, select_block
 from adaspark.ops.attention.units import cube_unit_probs, select_units
 from adaspark.ops.cubes import CubeIndex, build_cube_index, cube_mean_keys
 from adaspark.ops.ffn.common import select_ffn_tokens, token_scores
 
 __all__ = [
-    "LoadedModel",
     "SelectionCapture",
     "analyze_model",
-    "build_prompt",
     "capture_selection",
     "decoder_layers",
-    "load_model",
     "record_attention",
     "record_ffn",
     "video_layout",
 ]
 
-#: model types whose decoder layers and prompt layout this module understands
-MODEL_TYPES = {"qwen2_5_vl": "Qwen2.5-VL", "qwen2_vl": "Qwen2-VL"}
-#: files that show a checkpoint directory carries its own tokenizer
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
-
-# ------------------------------------------------------------------------------------ loading
-@dataclass
-class LoadedModel:
-    """A model ready for analysis.
-
-    Attributes:
-        model: the ``*ForConditionalGeneration`` model (eval mode).
-        tokenizer: its tokenizer, or None (prompts then use plain ids, see :func:`build_prompt`).
-        source: where it came from (a path, or a description of the shipped default).
-        directory: the checkpoint directory (its processor configs fix the video preprocessing).
-    """
-
-    model: torch.nn.Module
-    tokenizer: object | None
-    source: str
-    directory: Path | None = None
-
-
-def _check_model(model: torch.nn.Module, source: str) -> None:
-    mt = getattr(getattr(model, "config", None), "model_type", None)
-    if mt not in MODEL_TYPES:
-        supported = ", ".join(f"{v} ({k})" for k, v in MODEL_TYPES.items())
-        raise ValueError(f"{source}: model_type {mt!r} is not supported; supported: {supported}")
-
-
-def load_model(
-    path: str | Path | None = None, *, dtype: torch.dtype | None = torch.float32, device: str = "cpu"
-) -> LoadedModel:
-    """Open a saved Qwen2.5-VL / Qwen2-VL checkpoint directory, or the shipped default model.
-
-    Args:
-        path: a directory written by ``save_pretrained`` (``config.json`` + weights). None: the
-            trained default model of :mod:`adaspark.integrations.transformers.needle_model`.
-        dtype: parameter dtype (None keeps the checkpoint's).
-        device: where to put the model.
-
-    Raises:
-        ValueError: the path is not a checkpoint directory, the model type is not supported, or no
-            path was given and no default model is shipped.
-        ImportError: transformers is not installed.
-    """
-    if path is None:
-        try:
-            from adaspark.integrations.transformers.needle_model import DEFAULT_MODEL_DIR
-            from adaspark.integrations.transformers.needle_model import load_model as load_default
-        except ImportError as e:
-            raise ValueError(
-                f"no --model given and the default model is not available ({e}); pass --model PATH, "
-                "a directory saved with save_pretrained"
-            ) from None
-        try:
-            model, tokenizer = load_default()
-        except (FileNotFoundError, OSError) as e:
-            raise ValueError(
-                f"no --model given and the shipped default model cannot be loaded: {e}"
-            ) from None
-        source = f"shipped default model ({DEFAULT_MODEL_DIR})"
-        directory = Path(DEFAULT_MODEL_DIR)
-        if dtype is not None:
-            model = model.to(dtype)
-    else:
-        p = Path(path).expanduser()
-        if not p.is_dir():
-            raise ValueError(
-                f"--model {str(path)!r} is not a directory (expected a save_pretrained checkpoint)"
-            )
-        if not (p / "config.json").is_file():
-            raise ValueError(f"--model {str(path)!r} has no config.json: not a save_pretrained checkpoint")
-        try:
-            from transformers import AutoConfig, AutoModelForImageTextToText
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                f"loading a model needs transformers 5.x: pip install 'adaspark[hf]' ({e})"
-            ) from None
-        try:
-            cfg = AutoConfig.from_pretrained(p)
-        except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"--model {str(path)!r}: cannot read config.json: {e}") from None
-        mt = getattr(cfg, "model_type", None)
-        if mt not in MODEL_TYPES:
-            supported = ", ".join(f"{v} ({k})" for k, v in MODEL_TYPES.items())
-            raise ValueError(
-                f"--model {str(path)!r}: model_type {mt!r} is not supported; supported: {supported}"
-            )
-        kwargs = {} if dtype is None else {"dtype": dtype}
-        try:
-            model = AutoModelForImageTextToText.from_pretrained(p, **kwargs)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"--model {str(path)!r}: cannot load the weights: {e}") from None
-        tokenizer = None
-        if any((p / f).is_file() for f in _TOKENIZER_FILES):
-            from transformers import AutoTokenizer
-
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(p)
-            except (OSError, ValueError) as e:
-                raise ValueError(f"--model {str(path)!r}: cannot load its tokenizer: {e}") from None
-        source = str(p)
-        directory = p
-    _check_model(model, source)
-    return LoadedModel(model=model.to(device).eval(), tokenizer=tokenizer, source=source, directory=directory)
-
-
 def decoder_layers(model: torch.nn.Module) -> list:
-    """The decoder layers of a Qwen-VL model (``language_model.layers``)."""
-    _check_model(model, type(model).__name__)
-    dec = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(dec, "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__} has no decoder layers where a Qwen-VL model keeps them")
-    return list(layers)
+    """The decoder layers of a supported model (the family adapter's ``language_model.layers``)."""
+    return list(get_adapter(model).find_parts(model).layers)
 
 
 def _text_config(model: torch.nn.Module):
@@ -188,111 +69,13 @@ def _text_config(model: torch.nn.Module):
     return getattr(cfg, "text_config", cfg)
 
 
-# ------------------------------------------------------------------------------------- prompt
-def _encode(tokenizer, text: str) -> list[int]:
-    if not text:
-        return []
-    if callable(tokenizer):
-        out = tokenizer(text, add_special_tokens=False)
-        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
-        return [int(i) for i in ids]
-    return [int(i) for i in tokenizer.encode(text)]
-
-
-def _special_id(tokenizer, token: str) -> int | None:
-    """Id of a special token the tokenizer knows as one token, else None."""
-    convert = getattr(tokenizer, "convert_tokens_to_ids", None)
-    if convert is None:
-        return None
-    try:
-        tid = convert(token)
-    except (KeyError, ValueError, TypeError):
-        return None
-    if not isinstance(tid, int) or tid < 0 or tid == getattr(tokenizer, "unk_token_id", None):
-        return None
-    return tid
-
-
-def _byte_ids(text: str, vocab_size: int, reserved: set[int]) -> list[int]:
-    """Plain ids for a model without a tokenizer: UTF-8 byte ``b`` becomes id ``1 + b``."""
-    ids = [1 + b for b in text.encode("utf-8")]
-    bad = [i for i in ids if i >= vocab_size or i in reserved]
-    if bad:
-        raise ValueError(
-            f"the model has no tokenizer and its vocabulary ({vocab_size} ids) cannot hold the question "
-            "as byte ids; use a checkpoint with a tokenizer"
-        )
-    return ids
-
-
-def build_prompt(model: torch.nn.Module, tokenizer, num_video_tokens: int, question: str) -> dict:
-    """``input_ids``, ``attention_mask`` and ``mm_token_type_ids`` (``[1, N]``) of a one-video prompt.
-
-    With a tokenizer that has a chat template, the template renders a user turn holding the video
-    and the question (and the assistant's generation prompt); its one video placeholder is expanded
-    to ``num_video_tokens``. A tokenizer without a template but with ``<|im_start|>`` /
-    ``<|im_end|>`` gets the same Qwen chat layout written out (``<|im_start|>user⏎ video question
-    <|im_end|>⏎<|im_start|>assistant⏎``); any other gets ``<|vision_start|> video… <|vision_end|>``
-    followed by the question. Without a tokenizer the question becomes UTF-8 byte ids
-    (``1 + byte``).
-    """
-    cfg = model.config
-    vs, vid, ve = int(cfg.vision_start_token_id), int(cfg.video_token_id), int(cfg.vision_end_token_id)
-    video_block = [vs] + [vid] * int(num_video_tokens) + [ve]
-    ids: list[int] | None = None
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-        try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception:  # a template that cannot render a video turn: use the plain layout
-            text = None
-        if isinstance(text, str):
-            rendered = _encode(tokenizer, text)
-            if rendered.count(vid) == 1:
-                at = rendered.index(vid)
-                ids = rendered[:at] + [vid] * int(num_video_tokens) + rendered[at + 1 :]
-    if ids is None and tokenizer is not None:
-        q = _encode(tokenizer, question)
-        im_start, im_end = _special_id(tokenizer, "<|im_start|>"), _special_id(tokenizer, "<|im_end|>")
-        if im_start is not None and im_end is not None:  # the Qwen chat layout, written out
-            user = [im_start, *_encode(tokenizer, "user\n")]
-            assistant = [im_end, *_encode(tokenizer, "\n"), im_start, *_encode(tokenizer, "assistant\n")]
-            ids = user + video_block + q + assistant
-        else:
-            ids = video_block + q
-    if ids is None:
-        vocab = int(getattr(_text_config(model), "vocab_size", 0) or cfg.vocab_size)
-        ids = video_block + _byte_ids(question, vocab, {vs, vid, ve, int(cfg.image_token_id)})
-    input_ids = torch.tensor([ids], dtype=torch.long)
-    types = torch.zeros_like(input_ids)
-    types[input_ids == vid] = 2
-    if int((types == 2).sum()) != num_video_tokens:
-        raise ValueError("the question text contains the video placeholder token; remove it")
-    return {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "mm_token_type_ids": types,
-    }
-
-
 def video_layout(model: torch.nn.Module, inputs: dict, cube: tuple[int, int, int]) -> Layout:
-    """The cube layout AdaSpark computes for ``inputs`` (``mm_token_type_ids`` + ``video_grid_thw``)."""
-    merge = int(getattr(getattr(model.config, "vision_config", None), "spatial_merge_size", 2))
-    return build_layout(
-        inputs["mm_token_type_ids"],
-        inputs.get("video_grid_thw"),
-        cube=tuple(cube),
-        spatial_merge_size=merge,
-        attention_mask=inputs.get("attention_mask"),
-    )
-
-
-def decode_token(tokenizer, token_id: int) -> str:
-    """Readable text of one token id (``"id 123"`` without a tokenizer)."""
-    if tokenizer is not None and hasattr(tokenizer, "decode"):
-        with contextlib.suppress(Exception):
-            return str(tokenizer.decode([int(token_id)]))
-    return f"id {int(token_id)}"
+    """The cube layout AdaSpark computes for ``inputs`` (through the family adapter)."""
+    adapter = get_adapter(model)
+    captured = adapter.layout_from_call(AdaSparkConfig(cube=tuple(cube)), adapter.find_parts(model), inputs)
+    if captured is None:
+        raise ValueError("the inputs hold no video (no video grids or frames)")
+    return captured[1]
 
 
 # --------------------------------------------------------------------------------------- taps

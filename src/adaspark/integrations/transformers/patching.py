@@ -208,7 +208,7 @@ class _State:
         bound = {**bound.pop("kwargs", {}), **bound}
         if bound.get("input_ids") is None and isinstance(bound.get("inputs"), torch.Tensor):
             bound["input_ids"] = bound["inputs"]
-        self.set_prompt(self.adapter.layout_from_call(self, self.parts, bound))
+        self.set_prompt(self.adapter.layout_from_call(self.config, self.parts, bound))
         return bound
 
     def on_vl_forward(self, module, args, kwargs) -> None:
@@ -236,7 +236,7 @@ class _State:
         if past == 0 and not (self.in_generate and ids is not None and self._match_one(self.prompt, ids, n)):
             # (a forward of the running generate over its prompt, or a first prefill chunk of it,
             # is described by generate's inputs; a chunk alone cannot be read)
-            self.set_prompt(self.adapter.layout_from_call(self, p, bound))
+            self.set_prompt(self.adapter.layout_from_call(self.config, p, bound))
 
     def _match_prompt(self, ids: torch.Tensor | None, n: int) -> Layout | None:
         """The layout of the prompt a fresh forward over ``ids`` starts with, if any.
@@ -249,7 +249,7 @@ class _State:
             if found is not None:
                 break
             try:
-                captured = self.adapter.layout_from_call(self, self.parts, bound)
+                captured = self.adapter.layout_from_call(self.config, self.parts, bound)
             except ValueError:
                 captured = None
             if captured is not None:

@@ -9,20 +9,23 @@ FLOPs counters. An adapter only answers the family-specific questions:
 * :meth:`ModelAdapter.layout_from_call` — the video layout (which LM tokens are video, their cube
   ids) of a call's inputs: the backbone's forward or ``generate`` (both take what the processor
   returns); None when the call does not describe a video;
-* :meth:`ModelAdapter.check` — configuration options the family cannot honour.
+* :meth:`ModelAdapter.check` — configuration options the family cannot honour;
+* for the loader (``adaspark.integrations.transformers.loading``): the family's video
+  preprocessing (:meth:`ModelAdapter.preprocess_video`) and how a video and a question become a
+  chat prompt (:meth:`ModelAdapter.prompt`; the family part is :meth:`ModelAdapter.video_block`).
 """
 
 from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from adaspark.config import AdaSparkConfig
 
-__all__ = ["ModelAdapter", "ModelParts", "bind_call", "set_instance_attr"]
+__all__ = ["ModelAdapter", "ModelParts", "bind_call", "encode_text", "set_instance_attr", "special_id"]
 
 
 @dataclass
@@ -94,7 +97,7 @@ class ModelAdapter(ABC):
         """The modules AdaSpark hooks into; ``ValueError`` when the structure is not the expected one."""
 
     @abstractmethod
-    def layout_from_call(self, state, parts: ModelParts, bound: dict):
+    def layout_from_call(self, config: AdaSparkConfig, parts: ModelParts, bound: dict):
         """``(input_ids, Layout)`` of a call's inputs (``bound``: its arguments by name), or None.
 
         ``bound`` are the arguments of the backbone's ``forward`` or of ``generate``. None when they
@@ -119,6 +122,99 @@ class ModelAdapter(ABC):
         if not tensors:
             return None
         return tuple((tuple(t.shape), t.dtype) for t in tensors)
+
+    # ---------------------------------------------------------------- inputs (for the loader)
+    def default_video_settings(self, model: torch.nn.Module, base):
+        """``base`` (a ``VideoSettings``) with the patch geometry of the model's vision config."""
+        vcfg = getattr(model.config, "vision_config", None)
+        upd = {}
+        for key, attr in (
+            ("patch_size", "patch_size"),
+            ("temporal_patch_size", "temporal_patch_size"),
+            ("merge_size", "spatial_merge_size"),
+        ):
+            value = getattr(vcfg, attr, None)
+            if isinstance(value, int) and value > 0:
+                upd[key] = value
+        return replace(base, **upd)
+
+    def preprocess_video(self, model: torch.nn.Module, frames, fps: float, settings):
+        """``(T, H, W, 3)`` uint8 frames at ``fps`` → ``VideoInputs`` (default: the Qwen2-VL way)."""
+        from adaspark.video import preprocess_video
+
+        return preprocess_video(frames, fps=fps, **settings.video_kwargs())
+
+    def video_block(self, model: torch.nn.Module, video, encode) -> tuple[list[int], list[int]]:
+        """Token ids and types of one video in the prompt (default: ``<|vision_start|>``, the video
+        placeholders, ``<|vision_end|>``). ``encode(text) -> ids`` encodes plain text."""
+        cfg = model.config
+        vs, vid, ve = int(cfg.vision_start_token_id), int(cfg.video_token_id), int(cfg.vision_end_token_id)
+        n = int(video.num_llm_tokens)
+        return [vs, *([vid] * n), ve], [0, *([2] * n), 0]
+
+    def prompt(self, model: torch.nn.Module, tokenizer, video, question: str) -> dict:
+        """``input_ids``, ``attention_mask`` and ``mm_token_type_ids`` (``[1, N]``) of a one-video prompt.
+
+        With a tokenizer that has a chat template, the template renders a user turn holding the video
+        and the question (and the assistant's generation prompt); its video placeholder (with the
+        vision start/end tokens around it, if any) becomes :meth:`video_block`. A tokenizer without a
+        template but with ``<|im_start|>`` / ``<|im_end|>`` gets the Qwen chat layout written out;
+        any other gets the video block followed by the question. Without a tokenizer text becomes
+        UTF-8 byte ids (``1 + byte``).
+        """
+        cfg = model.config
+        vid = int(cfg.video_token_id)
+        special = {vid, int(getattr(cfg, "image_token_id", vid))}
+        for name in ("vision_start_token_id", "vision_end_token_id"):
+            if getattr(cfg, name, None) is not None:
+                special.add(int(getattr(cfg, name)))
+        text_cfg = getattr(cfg, "text_config", cfg)
+        vocab = int(getattr(text_cfg, "vocab_size", 0) or getattr(cfg, "vocab_size", 0))
+
+        def encode(text: str) -> list[int]:
+            if tokenizer is not None:
+                return encode_text(tokenizer, text)
+            return _byte_ids(text, vocab, special)
+
+        block, block_types = self.video_block(model, video, encode)
+        ids = types = None
+        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+            try:
+                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception:  # a template that cannot render a video turn: use the plain layout
+                text = None
+            if isinstance(text, str):
+                rendered = encode_text(tokenizer, text)
+                if rendered.count(vid) == 1:
+                    at = rendered.index(vid)
+                    lo, hi = at, at + 1
+                    if block[0] != vid and at > 0 and rendered[at - 1] == block[0]:
+                        lo = at - 1
+                    if block[-1] != vid and hi < len(rendered) and rendered[hi] == block[-1]:
+                        hi += 1
+                    ids = rendered[:lo] + block + rendered[hi:]
+                    types = [0] * lo + block_types + [0] * (len(rendered) - hi)
+        if ids is None:
+            q = encode(question)
+            im_start = special_id(tokenizer, "<|im_start|>") if tokenizer is not None else None
+            im_end = special_id(tokenizer, "<|im_end|>") if tokenizer is not None else None
+            if im_start is not None and im_end is not None:  # the Qwen chat layout, written out
+                user = [im_start, *encode("user\n")]
+                assistant = [im_end, *encode("\n"), im_start, *encode("assistant\n")]
+                ids = user + block + q + assistant
+                types = [0] * len(user) + block_types + [0] * (len(q) + len(assistant))
+            else:
+                ids = block + q
+                types = block_types + [0] * len(q)
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        if int((input_ids == vid).sum()) != block.count(vid):
+            raise ValueError("the question text contains the video placeholder token; remove it")
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "mm_token_type_ids": torch.tensor([types], dtype=torch.long),
+        }
 
     # ---------------------------------------------------------------- shared helpers
     def _backbone(self, model: torch.nn.Module, attr: str) -> torch.nn.Module:
@@ -162,3 +258,40 @@ def set_instance_attr(obj, name: str, value, undo: list) -> None:
             obj.__dict__.pop(name, None)
 
     undo.append(restore)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Ids of ``text`` without special tokens added."""
+    if not text:
+        return []
+    if callable(tokenizer):
+        out = tokenizer(text, add_special_tokens=False)
+        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+        return [int(i) for i in ids]
+    return [int(i) for i in tokenizer.encode(text)]
+
+
+def special_id(tokenizer, token: str) -> int | None:
+    """Id of a special token the tokenizer knows as one token, else None."""
+    convert = getattr(tokenizer, "convert_tokens_to_ids", None)
+    if convert is None:
+        return None
+    try:
+        tid = convert(token)
+    except (KeyError, ValueError, TypeError):
+        return None
+    if not isinstance(tid, int) or tid < 0 or tid == getattr(tokenizer, "unk_token_id", None):
+        return None
+    return tid
+
+
+def _byte_ids(text: str, vocab_size: int, reserved: set[int]) -> list[int]:
+    """Plain ids for a model without a tokenizer: UTF-8 byte ``b`` becomes id ``1 + b``."""
+    ids = [1 + b for b in text.encode("utf-8")]
+    bad = [i for i in ids if i >= vocab_size or i in reserved]
+    if bad:
+        raise ValueError(
+            f"the model has no tokenizer and its vocabulary ({vocab_size} ids) cannot hold the question "
+            "as byte ids; use a checkpoint with a tokenizer"
+        )
+    return ids

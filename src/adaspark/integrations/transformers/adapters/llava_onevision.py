@@ -24,8 +24,16 @@ import torch
 from adaspark.config import AdaSparkConfig
 from adaspark.core.layout import TEXT, VIDEO, build_segmented_layout, token_types_from_ids
 from adaspark.integrations.transformers.adapters.base import ModelAdapter, ModelParts
+from adaspark.video import VideoInputs
 
 __all__ = ["LLAVA_ONEVISION", "LlavaOnevisionAdapter"]
+
+
+class _LlavaVideo(VideoInputs):
+    """LLaVA-OneVision video inputs: ``pixel_values_videos`` ``[1, F, 3, S, S]``."""
+
+    def as_model_kwargs(self) -> dict[str, torch.Tensor]:
+        return {"pixel_values_videos": self.pixel_values_videos}
 
 
 class LlavaOnevisionAdapter(ModelAdapter):
@@ -56,6 +64,42 @@ class LlavaOnevisionAdapter(ModelAdapter):
             image_token_id=int(cfg.image_token_id),
         )
 
+    def default_video_settings(self, model, base):
+        """LLaVA-OneVision's video processor: CLIP normalisation, frames resized to the tower's size."""
+        return base
+
+    def preprocess_video(self, model, frames, fps: float, settings):
+        """Every frame resized (bicubic) to the vision tower's ``image_size`` square and normalised."""
+        import numpy as np
+
+        side = int(model.config.vision_config.image_size)
+        x = torch.as_tensor(np.asarray(frames)).permute(0, 3, 1, 2).float()
+        x = torch.nn.functional.interpolate(x, size=(side, side), mode="bicubic", align_corners=False)
+        x = x.clamp(0, 255) / 255.0
+        mean = torch.tensor(settings.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(settings.image_std).view(1, 3, 1, 1)
+        x = ((x - mean) / std)[None]
+        f = int(x.shape[1])
+        h, w = self.frame_grid_of(model)
+        return _LlavaVideo(
+            pixel_values_videos=x,
+            video_grid_thw=torch.tensor([[f, h, w]], dtype=torch.long),
+            second_per_grid_t=1.0 / float(fps) if fps else 1.0,
+            num_llm_tokens=f * h * w + 1,
+        )
+
+    def video_block(self, model, video, encode) -> tuple[list[int], list[int]]:
+        """The ``<video>`` placeholders: ``F·h·w`` frame tokens and the newline token after them."""
+        vid = int(model.config.video_token_id)
+        n = int(video.num_llm_tokens)
+        return [vid] * n, [2] * (n - 1) + [0]
+
+    @staticmethod
+    def frame_grid_of(model) -> tuple[int, int]:
+        vcfg = model.config.vision_config
+        pooled = math.ceil(int(vcfg.image_size) // int(vcfg.patch_size) / 2)
+        return pooled, pooled
+
     def check(self, config: AdaSparkConfig, parts: ModelParts) -> None:
         if config.images_as_video:
             raise ValueError(
@@ -63,15 +107,12 @@ class LlavaOnevisionAdapter(ModelAdapter):
                 "AnyRes tiles with a newline token per row, not a t × h × w token grid"
             )
 
-    @staticmethod
-    def frame_grid(parts: ModelParts) -> tuple[int, int]:
+    @classmethod
+    def frame_grid(cls, parts: ModelParts) -> tuple[int, int]:
         """``(h, w)`` LM tokens per frame after the 2× bilinear pooling."""
-        vcfg = parts.model.config.vision_config
-        side = int(vcfg.image_size) // int(vcfg.patch_size)
-        pooled = math.ceil(side / 2)
-        return pooled, pooled
+        return cls.frame_grid_of(parts.model)
 
-    def layout_from_call(self, state, parts: ModelParts, bound: dict):
+    def layout_from_call(self, config: AdaSparkConfig, parts: ModelParts, bound: dict):
         """The layout of the ``<video>`` placeholders in ``bound["input_ids"]`` (None without any)."""
         input_ids = bound.get("input_ids")
         if input_ids is None:
@@ -97,7 +138,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
         layout = build_segmented_layout(
             types,
             [(f, h, w) for f in frames],
-            cube=state.config.cube,
+            cube=config.cube,
             attention_mask=mask,
             video_trailing_tokens=1,
             grid_source=f"the video frames (F, {h}, {w}) with a newline token,",

@@ -54,7 +54,7 @@ class QwenVLAdapter(ModelAdapter):
         vcfg = getattr(parts.model.config, "vision_config", None)
         return int(getattr(vcfg, "spatial_merge_size", 2))
 
-    def layout_from_call(self, state, parts: ModelParts, bound: dict):
+    def layout_from_call(self, config: AdaSparkConfig, parts: ModelParts, bound: dict):
         """The layout of the processor outputs in ``bound`` (None without video/image grids).
 
         The token types come from ``mm_token_type_ids`` when it covers ``input_ids`` (the processor
@@ -73,7 +73,7 @@ class QwenVLAdapter(ModelAdapter):
         mask = bound.get("attention_mask")
         if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
             mask = None
-        layout = self.build_layout(types, video_grid, image_grid, mask, state.config, self.merge_size(parts))
+        layout = self.build_layout(types, video_grid, image_grid, mask, config, self.merge_size(parts))
         return input_ids, layout
 
     def build_layout(

@@ -15,11 +15,14 @@ residual stream that the next layer's AdaS-FFN scores.
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
+
 import torch
 
 from adaspark.config import AdaSparkConfig
 from adaspark.core.layout import Layout, build_segmented_layout
 from adaspark.integrations.transformers.adapters.qwen2_vl import QwenVLAdapter
+from adaspark.video import VideoInputs
 
 __all__ = ["QWEN3_VL", "Qwen3VLAdapter"]
 
@@ -42,8 +45,46 @@ def _llm_grids(grid_thw: torch.Tensor | None, merge: int, what: str) -> list[tup
     return out
 
 
+class _Qwen3Video(VideoInputs):
+    """Qwen3-VL video inputs: its forward takes no ``second_per_grid_ts`` (timestamps are text)."""
+
+    def as_model_kwargs(self) -> dict[str, torch.Tensor]:
+        return {"pixel_values_videos": self.pixel_values_videos, "video_grid_thw": self.video_grid_thw}
+
+
 class Qwen3VLAdapter(QwenVLAdapter):
     """Qwen3-VL: like Qwen2.5-VL, but a video's temporal slices may have text between them."""
+
+    def default_video_settings(self, model, base):
+        """Qwen3-VL's video processor: 16-px patches, ImageNet-standard normalisation (0.5, 0.5)."""
+        base = replace(base, patch_size=16, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+        return super().default_video_settings(model, base)
+
+    def preprocess_video(self, model, frames, fps: float, settings):
+        """Frames resized per frame within the checkpoint's pixel bounds (transformers' Qwen3-VL
+        processor budgets pixels over the whole clip instead), patched like Qwen2-VL."""
+        v = super().preprocess_video(model, frames, fps, settings)
+        return _Qwen3Video(**{f.name: getattr(v, f.name) for f in fields(v)})
+
+    def video_block(self, model, video, encode) -> tuple[list[int], list[int]]:
+        """Every temporal slice behind its ``<t seconds>`` timestamp (the mean time of its frames)."""
+        cfg = model.config
+        vs, vid, ve = int(cfg.vision_start_token_id), int(cfg.video_token_id), int(cfg.vision_end_token_id)
+        t, h, w = (int(x) for x in video.video_grid_thw[0].tolist())
+        merge = self.merge_size_of(model)
+        per_slice = h * w // merge**2
+        span = float(video.second_per_grid_t)
+        ids: list[int] = []
+        types: list[int] = []
+        for i in range(t):
+            stamp = encode(f"<{(i + 0.5) * span:.1f} seconds>")
+            ids += [*stamp, vs, *([vid] * per_slice), ve]
+            types += [0] * (len(stamp) + 1) + [2] * per_slice + [0]
+        return ids, types
+
+    @staticmethod
+    def merge_size_of(model) -> int:
+        return int(getattr(getattr(model.config, "vision_config", None), "spatial_merge_size", 2))
 
     def build_layout(
         self,

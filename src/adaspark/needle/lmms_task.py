@@ -1,8 +1,8 @@
 """A small lmms-eval task built from the needle benchmark (multiple choice, exact match on the letter).
 
-``python -m adaspark.integrations.lmms_eval.needle_task DIR`` renders a few needle items
-(:mod:`adaspark.bench.needle`) into ``DIR`` (``questions.jsonl`` + ``videos/*.mp4``, as
-:func:`~adaspark.bench.needle.write_split` stores a split), writes the documents lmms-eval reads
+``python -m adaspark.needle.lmms_task DIR`` renders a few needle items
+(:mod:`adaspark.needle`) into ``DIR`` (``questions.jsonl`` + ``videos/*.mp4``, as
+:func:`~adaspark.needle.write_split` stores a split), writes the documents lmms-eval reads
 (``lmms_eval_docs.jsonl``: prompt, answer letter, absolute video path) and the task file
 ``adaspark_needle.yaml``. Then::
 
@@ -39,10 +39,10 @@ __all__ = [
 TASK_NAME = "adaspark_needle"
 DOCS_FILE = "lmms_eval_docs.jsonl"
 _LETTERS = "ABCD"
-_MODULE = __name__ if __name__ != "__main__" else "adaspark.integrations.lmms_eval.needle_task"
+_MODULE = __name__ if __name__ != "__main__" else "adaspark.needle.lmms_task"
 
 _YAML = """\
-# lmms-eval task written by adaspark.integrations.lmms_eval.needle_task ({n} needle items)
+# lmms-eval task written by adaspark.needle.lmms_task ({n} needle items)
 task: {name}
 dataset_path: json
 dataset_kwargs:
@@ -115,15 +115,15 @@ def write_task(
 ) -> Path:
     """Render ``items`` needle items into ``directory`` and write the lmms-eval task; returns the YAML path.
 
-    Items cycle through ``tasks`` (default: all of :data:`adaspark.bench.needle.TASKS`) with seeds
+    Items cycle through ``tasks`` (default: all of :data:`adaspark.needle.TASKS`) with seeds
     ``seed, seed + 1, ...`` of ``split``. Every file is written atomically; running it again on the
     same directory rewrites the task.
 
     Raises:
         ValueError: bad ``items``, ``frames``, ``seed``, ``split``, ``tasks`` or ``name``.
     """
-    from adaspark.bench.needle import TASKS, make_item, video_path, write_split
     from adaspark.core.io import atomic_write_text
+    from adaspark.needle import TASKS, make_item, video_path, write_split
 
     if isinstance(items, bool) or not isinstance(items, int) or items < 1:
         raise ValueError(f"items must be a positive integer, got {items!r}")
@@ -159,7 +159,7 @@ def write_task(
 
 
 def _prompt(item) -> str:
-    from adaspark.bench.needle import format_prompt
+    from adaspark.needle import format_prompt
 
     return format_prompt(item)
 
@@ -167,7 +167,7 @@ def _prompt(item) -> str:
 # ------------------------------------------------------------------------------ command line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m adaspark.integrations.lmms_eval.needle_task",
+        prog="python -m adaspark.needle.lmms_task",
         description="Write a small lmms-eval task (multiple choice) from the AdaSpark needle benchmark.",
     )
     parser.add_argument("directory", help="where the videos, documents and task YAML go")

@@ -31,8 +31,8 @@ from one of two rules:
 
 Example::
 
-    from adaspark.bench.evaluate import run_eval, standard_variants
-    from adaspark.bench.needle import make_split
+    from adaspark.needle.evaluate import run_eval, standard_variants
+    from adaspark.needle import make_split
 
     items = make_split("test", 8, (64, 256))
     run_eval(items, standard_variants(), answer_fn, "runs/needle")
@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adaspark.bench.needle import TASKS, NeedleItem
+from adaspark.needle import TASKS, NeedleItem
 
 if TYPE_CHECKING:
     from adaspark.config import AdaSparkConfig
@@ -351,19 +351,18 @@ def load_results(results_jsonl: str | os.PathLike) -> list[dict]:
 
 @contextlib.contextmanager
 def _locked(f) -> Iterator[None]:
+    """One run per results file at a time (a ``.lock`` file beside it, portable via ``filelock``)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(f"{f.name}.lock")
     try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+        lock.acquire(timeout=0)
+    except Timeout:
         raise RuntimeError(f"{f.name} is in use by another run (one run per out_dir at a time)") from None
     try:
         yield
     finally:
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        lock.release()
 
 
 def run_eval(

@@ -26,25 +26,25 @@ Video preprocessing uses :mod:`adaspark.video` (no torchvision) with the sizes o
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from adaspark.config import AdaSparkConfig
-from adaspark.integrations.transformers import compat
+from adaspark.integrations.transformers import compat, loading
+from adaspark.integrations.transformers.loading import LoadedModel, VideoSettings, read_video_settings
 
 if TYPE_CHECKING:  # pragma: no cover
-    from adaspark.bench.needle import NeedleItem
+    from adaspark.needle import NeedleItem
     from adaspark.video import VideoInputs
 
 __all__ = [
     "ANSWER_LETTERS",
     "DEFAULT_MODEL_DIR",
+    "NEEDLE_VIDEO",
     "SPECIAL_TOKENS",
     "VideoSettings",
     "answer_item",
@@ -62,7 +62,7 @@ __all__ = [
     "write_processor_configs",
 ]
 
-DEFAULT_MODEL_DIR: Path = Path(__file__).resolve().parents[2] / "assets" / "needle-qwen2_5_vl"
+DEFAULT_MODEL_DIR: Path = Path(__file__).resolve().parents[1] / "assets" / "needle-qwen2_5_vl"
 """The shipped checkpoint (package data of ``adaspark``)."""
 
 ANSWER_LETTERS: tuple[str, ...] = ("A", "B", "C", "D")
@@ -81,7 +81,7 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 )
 #: words of the chat template besides the benchmark's vocabulary
 _CHAT_WORDS: tuple[str, ...] = ("system", "user", "assistant")
-#: the word pattern of ``adaspark.bench.needle.tokenize`` (lower-case words and single marks)
+#: the word pattern of ``adaspark.needle.tokenize`` (lower-case words and single marks)
 _WORD_PATTERN = r"[a-z0-9]+|[^\sa-z0-9]"
 
 #: frame size the model is trained on; every video is resized to at most this many pixels per frame
@@ -94,7 +94,7 @@ def build_tokenizer(words):
     """A word-level ``PreTrainedTokenizerFast`` over ``words`` plus :data:`SPECIAL_TOKENS`.
 
     Text is lower-cased and split into runs of ``[a-z0-9]`` and single other characters (the units
-    of :func:`adaspark.bench.needle.tokenize`); a unit outside the vocabulary becomes ``<|unk|>``.
+    of :func:`adaspark.needle.tokenize`); a unit outside the vocabulary becomes ``<|unk|>``.
     Ids: the special tokens first (``<|endoftext|>`` = 0, the padding), then the sorted words.
     """
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
@@ -197,102 +197,29 @@ def needle_config(
 
 
 # ---------------------------------------------------------------------------------------- processor
-@dataclass(frozen=True)
-class VideoSettings:
-    """What ``video_preprocessor_config.json`` fixes: pixel bounds, geometry, normalisation, fps."""
-
-    min_pixels: int = 4 * 28 * 28
-    max_pixels: int = TRAIN_SIZE * TRAIN_SIZE
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    merge_size: int = 2
-    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-    fps: float = DEFAULT_VIDEO_FPS
-
-    def to_processor_json(self, kind: str) -> dict:
-        """The JSON transformers' ``Qwen2VLImageProcessor`` / ``Qwen2VLVideoProcessor`` would save."""
-        d = {
-            "do_convert_rgb": True,
-            "do_normalize": True,
-            "do_rescale": True,
-            "do_resize": True,
-            "image_mean": list(self.image_mean),
-            "image_std": list(self.image_std),
-            "merge_size": self.merge_size,
-            "patch_size": self.patch_size,
-            "resample": 3,
-            "rescale_factor": 1 / 255,
-            "size": {"longest_edge": self.max_pixels, "shortest_edge": self.min_pixels},
-            "temporal_patch_size": self.temporal_patch_size,
-        }
-        if kind == "image":
-            d["image_processor_type"] = "Qwen2VLImageProcessor"
-        else:
-            d.update(
-                video_processor_type="Qwen2VLVideoProcessor",
-                do_sample_frames=False,
-                fps=self.fps,
-                min_frames=4,
-                max_frames=768,
-            )
-        return d
+#: the video preprocessing the model is trained with (written into its processor configs)
+NEEDLE_VIDEO = VideoSettings(
+    min_pixels=4 * 28 * 28, max_pixels=TRAIN_SIZE * TRAIN_SIZE, fps=DEFAULT_VIDEO_FPS
+)
 
 
 def write_processor_configs(directory: str | os.PathLike, settings: VideoSettings | None = None) -> None:
-    """Write ``preprocessor_config.json``, ``video_preprocessor_config.json`` and
-    ``processor_config.json`` as transformers' Qwen2.5-VL processor would (atomically)."""
-    from adaspark.core.io import atomic_write_json
-
-    settings = settings or VideoSettings()
-    directory = Path(directory)
-    atomic_write_json(directory / "preprocessor_config.json", settings.to_processor_json("image"))
-    atomic_write_json(directory / "video_preprocessor_config.json", settings.to_processor_json("video"))
-    atomic_write_json(directory / "processor_config.json", {"processor_class": "Qwen2_5_VLProcessor"})
+    """The Qwen2.5-VL processor configs of a needle checkpoint (default :data:`NEEDLE_VIDEO`)."""
+    loading.write_processor_configs(directory, settings or NEEDLE_VIDEO)
 
 
 def video_settings(path: str | os.PathLike | None = None) -> VideoSettings:
-    """Preprocessing settings of the checkpoint at ``path`` (default: the shipped model).
-
-    Reads ``video_preprocessor_config.json`` (or ``preprocessor_config.json``); a checkpoint
-    without either gets the settings the shipped model was trained with.
-    """
-    directory = Path(path) if path is not None else DEFAULT_MODEL_DIR
-    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-        f = directory / name
-        if f.is_file():
-            d = json.loads(f.read_text(encoding="utf-8"))
-            size = d.get("size") or {}
-            base = VideoSettings()
-            return VideoSettings(
-                min_pixels=int(size.get("shortest_edge", d.get("min_pixels", base.min_pixels))),
-                max_pixels=int(size.get("longest_edge", d.get("max_pixels", base.max_pixels))),
-                patch_size=int(d.get("patch_size", base.patch_size)),
-                temporal_patch_size=int(d.get("temporal_patch_size", base.temporal_patch_size)),
-                merge_size=int(d.get("merge_size", base.merge_size)),
-                image_mean=tuple(float(x) for x in d.get("image_mean", base.image_mean)),
-                image_std=tuple(float(x) for x in d.get("image_std", base.image_std)),
-                fps=float(d.get("fps") or base.fps),
-            )
-    return VideoSettings()
+    """Preprocessing settings of the checkpoint at ``path`` (default: the shipped model), read with
+    the one reader (:func:`~adaspark.integrations.transformers.loading.read_video_settings`); what
+    its processor configs do not say is :data:`NEEDLE_VIDEO`."""
+    return read_video_settings(Path(path) if path is not None else DEFAULT_MODEL_DIR, NEEDLE_VIDEO)
 
 
 def preprocess_frames(frames, fps: float, settings: VideoSettings | None = None) -> VideoInputs:
     """``(T, H, W, 3)`` uint8 frames at ``fps`` → :class:`~adaspark.video.VideoInputs` for the model."""
     from adaspark.video import preprocess_video
 
-    s = settings or VideoSettings()
-    return preprocess_video(
-        frames,
-        patch_size=s.patch_size,
-        temporal_patch_size=s.temporal_patch_size,
-        merge_size=s.merge_size,
-        min_pixels=s.min_pixels,
-        max_pixels=s.max_pixels,
-        image_mean=s.image_mean,
-        image_std=s.image_std,
-        fps=fps,
-    )
+    return preprocess_video(frames, fps=fps, **(settings or NEEDLE_VIDEO).video_kwargs())
 
 
 # ---------------------------------------------------------------------------------------- prompt
@@ -324,31 +251,21 @@ def unknown_words(tokenizer, texts) -> list[str]:
     return sorted(found)
 
 
-def encode_prompt(tokenizer, video: VideoInputs, question: str, options=None) -> dict:
+def encode_prompt(loaded: LoadedModel, video: VideoInputs, question: str, options=None) -> dict:
     """Model inputs (batch of one) for ``video`` and ``question`` in the Qwen chat layout::
 
         <|im_start|> user <|vision_start|> <|video_pad|> x N <|vision_end|> QUESTION <|im_end|>
         <|im_start|> assistant
 
-    The answer (an option's text, then ``<|im_end|>``) follows. ``options`` are not written into the
-    prompt; they only count for ``unknown_words``. Returns ``input_ids``, ``attention_mask``,
-    ``mm_token_type_ids``, ``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts`` and
-    ``unknown_words`` (words of the question and options the tokenizer does not know).
+    (the family adapter's prompt, :meth:`LoadedModel.inputs`). The answer (an option's text, then
+    ``<|im_end|>``) follows. ``options`` are not written into the prompt; they only count for
+    ``unknown_words``. Returns ``input_ids``, ``attention_mask``, ``mm_token_type_ids``,
+    ``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts`` and ``unknown_words``
+    (words of the question and options the tokenizer does not know).
     """
-    before = tokenizer.convert_tokens_to_ids(["<|im_start|>", "user", "<|vision_start|>"])
-    body = tokenizer(question.strip(), add_special_tokens=False)["input_ids"]
-    after = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>", "assistant"])
-    vid = tokenizer.convert_tokens_to_ids("<|video_pad|>")
-    end = tokenizer.convert_tokens_to_ids("<|vision_end|>")
-    n = int(video.num_llm_tokens)
-    ids = [*before, *([vid] * n), end, *body, *after]
-    types = [0] * len(before) + [2] * n + [0] * (1 + len(body) + len(after))
     return {
-        "input_ids": torch.tensor([ids], dtype=torch.long),
-        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-        "mm_token_type_ids": torch.tensor([types], dtype=torch.long),
-        **video.as_model_kwargs(),
-        "unknown_words": unknown_words(tokenizer, [question, *(options or [])]),
+        **loaded.inputs(video, question.strip()),
+        "unknown_words": unknown_words(loaded.tokenizer, [question, *(options or [])]),
     }
 
 
@@ -367,32 +284,25 @@ def option_token_ids(tokenizer, options) -> list[list[int]]:
 
 
 # ---------------------------------------------------------------------------------------- loading
-def load_model(path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` from a checkpoint directory (default: the shipped model), in eval mode.
+def load_model(path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """The checkpoint at ``path`` (default: the shipped model) through the one loader
+    (:func:`adaspark.integrations.transformers.loading.load_model`), with :data:`NEEDLE_VIDEO` for
+    what its processor configs do not say.
 
     Raises:
         FileNotFoundError: ``path`` is not a directory holding ``config.json``.
         ImportError: transformers is not installed.
     """
+    from adaspark.integrations.transformers.loading import load_model as load
+
     directory = Path(path).expanduser() if path is not None else DEFAULT_MODEL_DIR
     if not (directory / "config.json").is_file():
         what = "the shipped needle model" if path is None else "a model checkpoint"
         raise FileNotFoundError(f"{str(directory)!r} is not {what} directory (no config.json)")
-    try:
-        from transformers import AutoModelForImageTextToText, AutoTokenizer
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(f"the model needs transformers 5.x: pip install 'adaspark[hf]' ({e})") from None
-    from transformers.utils import logging as hf_logging
-
-    bar_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a tiny model loads at once: no "Loading weights" bar on stderr
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(directory, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-    finally:
-        if bar_on:
-            hf_logging.enable_progress_bar()
-    return model.eval(), tokenizer
+    loaded = load(directory, dtype=dtype, default_settings=NEEDLE_VIDEO)
+    if path is None:
+        loaded.source = f"needle-qwen2_5_vl (shipped with adaspark, {directory})"
+    return loaded
 
 
 # ---------------------------------------------------------------------------------------- answering
@@ -455,16 +365,16 @@ def run_model(model, inputs: dict, options_ids, config: AdaSparkConfig | None) -
 
 
 def answer_item(
-    model, tokenizer, item: NeedleItem, config: AdaSparkConfig | None, *, frames=None, settings=None
+    loaded: LoadedModel, item: NeedleItem, config: AdaSparkConfig | None, *, frames=None, settings=None
 ) -> dict:
-    """Answer one needle item: the ``AnswerFn`` result of :mod:`adaspark.bench.evaluate`.
+    """Answer one needle item: the ``AnswerFn`` result of :mod:`adaspark.needle.evaluate`.
 
     Args:
-        model / tokenizer: from :func:`load_model`.
+        loaded: from :func:`load_model`.
         item: the question (and the recipe of its video).
         config: AdaSpark settings, or ``None`` for the dense model.
         frames: the item's frames ``(T, H, W, 3)`` uint8 if already at hand (else rendered).
-        settings: preprocessing settings (default: those of the shipped model).
+        settings: preprocessing settings (default: the checkpoint's, ``loaded.settings``).
 
     Returns:
         ``{"pred", "flops", "flops_dense", "decoder_flops", "decoder_flops_dense", "seconds", ...}``
@@ -472,12 +382,12 @@ def answer_item(
         the option scores, ideal FLOPs, token counts and mean densities are extras).
     """
     if frames is None:
-        from adaspark.bench.needle import render_frames
+        from adaspark.needle import render_frames
 
         frames = render_frames(item)
-    video = preprocess_frames(frames, item.fps, settings)
-    inputs = encode_prompt(tokenizer, video, item.question)
-    result = run_model(model, inputs, option_token_ids(tokenizer, item.options), config)
+    video = preprocess_frames(frames, item.fps, settings or loaded.settings)
+    inputs = encode_prompt(loaded, video, item.question)
+    result = run_model(loaded.model, inputs, option_token_ids(loaded.tokenizer, item.options), config)
     result.pop("report")
     result["correct"] = result["pred"] == item.answer
     return result

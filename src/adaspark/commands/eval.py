@@ -121,7 +121,6 @@ def make_answer_fn(loaded, settings=None, data_dir=None):
     from adaspark.needle.model import (
         encode_prompt,
         option_token_ids,
-        preprocess_frames,
         run_model,
     )
 
@@ -130,7 +129,9 @@ def make_answer_fn(loaded, settings=None, data_dir=None):
     def answer_fn(item, variant) -> dict:
         if cache.get("id") != item.id:
             frames = load_frames(item, data_dir)
-            video = preprocess_frames(frames, item.fps, settings or loaded.settings)
+            video = loaded.adapter.preprocess_video(
+                loaded.model, frames, item.fps, settings or loaded.settings
+            )
             cache.clear()
             cache.update(
                 id=item.id,

@@ -385,7 +385,7 @@ def answer_item(
         from adaspark.needle import render_frames
 
         frames = render_frames(item)
-    video = preprocess_frames(frames, item.fps, settings or loaded.settings)
+    video = loaded.adapter.preprocess_video(loaded.model, frames, item.fps, settings or loaded.settings)
     inputs = encode_prompt(loaded, video, item.question)
     result = run_model(loaded.model, inputs, option_token_ids(loaded.tokenizer, item.options), config)
     result.pop("report")

@@ -11,7 +11,7 @@ __all__ = ["AdaSparkConfig", "__version__", "patch"]
 
 
 def patch(model, config: AdaSparkConfig | None = None):
-    """Switch AdaSpark on for a Hugging Face Qwen2.5-VL / Qwen2-VL model; returns a handle.
+    """Switch AdaSpark on for a Qwen2.5-VL / Qwen2-VL / Qwen3-VL / LLaVA-OneVision model; returns a handle.
 
     ``handle.report()`` gives FLOPs and sparsity of the last call, ``handle.remove()`` restores the
     model exactly. See :func:`adaspark.integrations.transformers.patch`.

@@ -35,7 +35,7 @@ _CONFIG_KEYS = tuple(config_fields())
 
 #: model_args that are not AdaSparkConfig fields, with their meaning
 RUN_ARGS: dict[str, str] = {
-    "pretrained": "checkpoint directory written by save_pretrained (Qwen2.5-VL / Qwen2-VL)",
+    "pretrained": "checkpoint directory written by save_pretrained (a supported family)",
     "dense": "true: run the dense model (AdaSpark off; FLOPs are still counted)",
     "dtype": "auto (the checkpoint's), float32, bfloat16 or float16",
     "device": "cpu, cuda, cuda:N (default: cuda when available)",

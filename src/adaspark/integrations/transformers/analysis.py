@@ -185,7 +185,7 @@ def analyze_model(
     """One dense prefill of ``model`` on ``inputs``, measured layer by layer.
 
     Args:
-        model: a Qwen2.5-VL / Qwen2-VL model (not patched: the analysis is of the dense model).
+        model: a model of a supported family (not patched: the analysis is of the dense model).
         inputs: model inputs of one sample (``input_ids``, ``attention_mask``, ``mm_token_type_ids``,
             ``pixel_values_videos``, ``video_grid_thw``, ...).
         cube: cube size ``(t, h, w)`` in LM tokens.
@@ -342,7 +342,7 @@ def capture_selection(
     """Run ``model`` patched with AdaSpark (``config``) and record what it selected.
 
     Args:
-        model: a Qwen2.5-VL / Qwen2-VL model (unpatched; it is patched for the run and restored).
+        model: a model of a supported family (unpatched; it is patched for the run and restored).
         inputs: one sample's model inputs.
         config: AdaSpark settings.
         query: ``"answer"``: the first answer token (greedy under AdaSpark; one extra forward

@@ -376,6 +376,12 @@ def format_result(r: dict) -> str:
         f"AdaSpark kept {s['attn_density']:.1%} of the causal attention pairs and sent {s['ffn_active']:.1%} "
         "of the video tokens through the FFN (means over layers)."
     )
+    rep = s.get("report") or {}
+    if rep.get("decode_steps"):
+        lines.append(
+            f"The {rep['decode_steps']} option continuations after the prompt's KV cache ran AdaS-Attn "
+            f"sparse in {rep['sparse_decode_steps']} of them."
+        )
     lines.append(
         f"Wall time: the prefill and the option continuations, median of {r['repeats']} interleaved runs "
         "each after a warm-up; "

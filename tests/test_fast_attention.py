@@ -272,10 +272,13 @@ def test_cuda_flex_equals_reference(gran):
 
 @pytest.mark.parametrize("backend", ["gather", "auto"])
 def test_dense_fallback_runs_dense_attention_when_the_blocks_do_not_pay(backend, monkeypatch):
+    import functools
+
     import adaspark.ops.attention as attn
 
-    monkeypatch.setattr(attn, "FLEX_MIN_TOKENS", 1)  # decide the fallback on this short input too
     monkeypatch.setattr(attn, "flex_available", lambda dev: False)  # auto -> gather, no compile
+    # decide the fallback on this short input too
+    cube_sparse_attention = functools.partial(attn.cube_sparse_attention, flex_min_tokens=1)
     q, k, v, ids, km = make_case(CASES[4])
     dense = cube_sparse_attention_reference(q, k, v, ids, 1.0, key_mask=km)
     exact = cube_sparse_attention_reference(q, k, v, ids, 0.5, key_mask=km, granularity="cube")

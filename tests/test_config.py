@@ -41,6 +41,17 @@ def test_defaults_and_overrides():
         ("backend", "triton"),
         ("query_block", 0),
         ("sparse_attn", 1),
+        ("flex_min_tokens", -1),
+        ("flex_min_tokens", 4096.0),
+        ("flex_min_tokens", True),
+        ("decode_gather_fraction", -0.1),
+        ("decode_gather_fraction", 1.5),
+        ("decode_gather_fraction", float("nan")),
+        ("decode_gather_fraction", "0.3"),
+        ("blocked_dense_fraction", 2.0),
+        ("blocked_dense_fraction", None),
+        ("ffn_sum_chunk", 0),
+        ("ffn_sum_chunk", 1.5),
     ],
 )
 def test_invalid_values_name_the_field(field, value):
@@ -77,3 +88,27 @@ def test_every_refused_pair_is_listed():
     refused = {(b, g) for b in BACKENDS for g in GRANULARITIES if g not in BACKEND_GRANULARITIES[b]}
     assert refused == {("blocked", "cube"), ("decode", "cube")}
     assert set(BACKEND_GRANULARITIES) == set(BACKENDS)
+
+
+def test_kernel_thresholds_default_to_the_ops_constants():
+    """The number is written once, in ops; the config takes it from there and accepts the range ends."""
+    from adaspark.ops.attention import DENSE_BLOCK_FRACTION, FLEX_MIN_TOKENS, GATHER_FRACTION
+    from adaspark.ops.ffn.gathered import SUM_CHUNK
+
+    c = AdaSparkConfig()
+    assert c.flex_min_tokens == FLEX_MIN_TOKENS == 4096
+    assert c.decode_gather_fraction == GATHER_FRACTION == 0.35
+    assert c.blocked_dense_fraction == DENSE_BLOCK_FRACTION == 0.75
+    assert c.ffn_sum_chunk == SUM_CHUNK == 4096
+    c = c.replace(flex_min_tokens=0, decode_gather_fraction=0.0, blocked_dense_fraction=1, ffn_sum_chunk=1)
+    assert c.flex_min_tokens == 0 and c.ffn_sum_chunk == 1
+    for name in ("flex_min_tokens", "decode_gather_fraction", "blocked_dense_fraction", "ffn_sum_chunk"):
+        assert name in (AdaSparkConfig.__doc__ or ""), name  # documented with the other fields
+
+
+def test_backend_and_granularity_names_come_from_ops():
+    from adaspark.ops.attention import ATTENTION_BACKENDS
+    from adaspark.ops.attention import GRANULARITIES as OPS_GRANULARITIES
+
+    assert BACKENDS[0] == "auto" and BACKENDS[1:] == tuple(ATTENTION_BACKENDS)
+    assert GRANULARITIES is OPS_GRANULARITIES

@@ -272,10 +272,13 @@ def test_cuda_flex_equals_reference(gran):
 
 @pytest.mark.parametrize("backend", ["gather", "auto"])
 def test_dense_fallback_runs_dense_attention_when_the_blocks_do_not_pay(backend, monkeypatch):
+    import functools
+
     import adaspark.ops.attention as attn
 
-    monkeypatch.setattr(attn, "FLEX_MIN_TOKENS", 1)  # decide the fallback on this short input too
     monkeypatch.setattr(attn, "flex_available", lambda dev: False)  # auto -> gather, no compile
+    # decide the fallback on this short input too
+    cube_sparse_attention = functools.partial(attn.cube_sparse_attention, flex_min_tokens=1)
     q, k, v, ids, km = make_case(CASES[4])
     dense = cube_sparse_attention_reference(q, k, v, ids, 1.0, key_mask=km)
     exact = cube_sparse_attention_reference(q, k, v, ids, 0.5, key_mask=km, granularity="cube")
@@ -392,3 +395,150 @@ def test_granularity_table_is_what_the_kernels_do(backend, gran):
     else:
         with pytest.raises(ValueError, match="granularity"):
             cube_sparse_attention(q, k, v, ids, 0.5, key_mask=km, backend=backend, granularity=gran)
+
+
+# --------------------------------------------------------------------------- the kernels' thresholds
+def test_flex_min_tokens_decides_autos_backend(monkeypatch):
+    import adaspark.ops.attention as attn
+
+    q, k, v, ids, km = make_case(CASES[4])
+    n = q.shape[2]
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(attn, "flex_available", lambda dev: True)
+    assert resolve_attention_backend("auto", cpu, torch.float32, num_tokens=n) == "gather"
+    assert resolve_attention_backend("auto", cpu, torch.float32, num_tokens=n, flex_min_tokens=n) == "flex"
+    calls = []
+    for name in ("gather", "flex"):  # spies: which kernel the dispatcher runs (no compile here)
+        monkeypatch.setitem(attn.ATTENTION_BACKENDS, name, lambda *a, _n=name, **kw: calls.append(_n) or a[0])
+    cube_sparse_attention(q, k, v, ids, 0.5, key_mask=km)
+    cube_sparse_attention(q, k, v, ids, 0.5, key_mask=km, flex_min_tokens=n + 1)
+    cube_sparse_attention(q, k, v, ids, 0.5, key_mask=km, flex_min_tokens=n)
+    assert calls == ["gather", "gather", "flex"]
+    with pytest.raises(ValueError, match="flex_min_tokens"):
+        cube_sparse_attention(q, k, v, ids, 0.5, flex_min_tokens=-1)
+
+
+def test_flex_min_tokens_decides_where_dense_fallback_starts():
+    q, k, v, ids, km = make_case(CASES[4])
+    n = q.shape[2]
+    for min_tokens, fallbacks in ((n + 1, 0), (n, 1)):
+        st = AttentionStats(q.shape[1], q.shape[3])
+        cube_sparse_attention(
+            q, k, v, ids, 0.5, key_mask=km, backend="gather", dense_fallback=1e-6, stats=st,
+            flex_min_tokens=min_tokens,
+        )  # fmt: skip
+        assert st.dense_fallbacks == fallbacks
+
+
+@pytest.mark.parametrize(
+    ("backend", "knob", "nq"),
+    [("decode", "decode_gather_fraction", 3), ("blocked", "blocked_dense_fraction", 3)],
+)
+def test_in_place_or_gathered_is_decided_by_the_threshold(backend, knob, nq):
+    """0 reads the causal prefix in place (every key scored), 1 gathers the kept keys (fewer scored):
+    same output, different work, visible in ``stats.executed``."""
+    q, k, v, ids, km = make_case(CASES[5], seed=2)
+    q = q[:, :, -nq:]  # new tokens after a cache
+    executed, outs = {}, {}
+    for frac in (0.0, 1.0):
+        st = AttentionStats(q.shape[1], q.shape[3])
+        outs[frac] = cube_sparse_attention(
+            q, k, v, ids, 0.3, key_mask=km, backend=backend, stats=st, **{knob: frac}
+        )
+        executed[frac] = st.executed
+    assert executed[1.0] < executed[0.0]
+    torch.testing.assert_close(outs[1.0], outs[0.0], atol=2e-6, rtol=1e-5)
+    ref = cube_sparse_attention_reference(q, k, v, ids, 0.3, key_mask=km)
+    torch.testing.assert_close(outs[1.0], ref, atol=2e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match=knob):
+        cube_sparse_attention(q, k, v, ids, 0.3, key_mask=km, backend=backend, **{knob: 1.5})
+
+
+@needs_flex
+def test_flex_leaves_the_users_recompile_limit_alone(monkeypatch):
+    import torch._dynamo
+
+    import adaspark.ops.attention.flex as flex_mod
+
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    before = getattr(cfg, name)
+    real = flex_mod._compiled_flex()
+    during = []
+
+    def spy(*a, **kw):
+        during.append(getattr(cfg, name))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(flex_mod, "_compiled_flex", lambda: spy)
+    q, k, v, ids, km = make_case(CASES[4])
+    # the user's own setting (dynamo's config is set through its own patch: monkeypatch breaks it)
+    with cfg.patch({name: 5}):
+        out = cube_sparse_attention_flex(q, k, v, ids, 0.6, key_mask=km, query_block=32)
+        assert getattr(cfg, name) == 5  # untouched after the call ...
+    assert during == [flex_mod.RECOMPILE_LIMIT]  # ... raised only while flex ran
+    assert getattr(cfg, name) == before
+    out_default = cube_sparse_attention_flex(q, k, v, ids, 0.6, key_mask=km, query_block=32)
+    assert getattr(cfg, name) == before  # the same with dynamo's default
+    ref = cube_sparse_attention_reference(q, k, v, ids, 0.6, key_mask=km)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(out_default, ref, atol=2e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- kernels return their selection
+def _recorded(backend, gran, nq, **kw):
+    q, k, v, ids, km = make_case(CASES[4], seed=4)  # batch 2, GQA, left and right padding, ragged cubes
+    q = q[:, :, q.shape[2] - nq :]
+    st = AttentionStats(q.shape[1], q.shape[3], record=True)
+    cube_sparse_attention(q, k, v, ids, 0.5, key_mask=km, backend=backend, granularity=gran, stats=st, **kw)
+    assert len(st.selections_log) == 1
+    return st.selections_log[0], q, k, ids, km
+
+
+RECORD_PARAMS = [
+    (be, gran, nq)
+    for be in ("reference", "blocked", "decode", "gather", "flex", "fallback")
+    for gran in GRANS
+    for nq in (140, 3)
+    if not (be == "flex" and nq != 140)
+    if gran in BACKEND_GRANULARITIES.get(be, GRANS) or nq == 3  # the last 3 positions are text
+]
+
+
+@pytest.mark.parametrize(
+    ("backend", "gran", "nq"),
+    [pytest.param(*p, marks=[needs_flex] if p[0] == "flex" else []) for p in RECORD_PARAMS],
+    ids=["-".join(map(str, p)) for p in RECORD_PARAMS],
+)
+def test_each_backend_records_the_selection_it_used(backend, gran, nq):
+    kw = {}
+    if backend == "fallback":  # the dispatcher's plan, read before running dense attention
+        backend, kw = "gather", {"dense_fallback": 1e-6, "flex_min_tokens": 1}
+    if backend in ("gather", "flex"):
+        kw["query_block"] = 32
+    sel, q, k, ids, km = _recorded(backend, gran, nq, **kw)
+    # blocked and decode select per token (with text queries only, "cube" is the same selection)
+    assert sel.granularity == ("token" if backend in ("blocked", "decode") else gran)
+    assert sel.table.shape[:2] == (2, q.shape[1])
+    valid = km[:, km.shape[1] - nq :][:, None, :, None]
+    truth = reference_cube_keep(q, k, ids, 0.5, key_mask=km, granularity=gran) & valid
+    kept = sel.kept_cubes(ids)
+    assert kept.any() and torch.equal(kept & valid, truth)
+    assert not (kept & ~valid).any()  # padding queries keep nothing
+
+
+@pytest.mark.parametrize("nq", [140, 3])
+def test_the_recorded_selection_is_one_object_for_every_backend(nq):
+    """Per-token kernels (blocked, decode, reference) log the very table ``select_units`` builds."""
+    sels = {be: _recorded(be, "token", nq)[0] for be in ("reference", "blocked", "decode", "gather")}
+    for be in ("reference", "blocked", "decode"):
+        assert torch.equal(sels[be].unit, sels["gather"].unit), be
+        assert torch.equal(sels[be].table, sels["gather"].table), be
+    # off by default, and auto's dense short cut at p = 1 selects nothing
+    q, k, v, ids, km = make_case(CASES[4])
+    st = AttentionStats(q.shape[1], q.shape[3])
+    cube_sparse_attention(q, k, v, ids, 0.5, key_mask=km, stats=st)
+    assert st.selections_log == []
+    st = AttentionStats(q.shape[1], q.shape[3], record=True)
+    cube_sparse_attention(q, k, v, ids, 1.0, key_mask=km, stats=st)
+    assert st.selections_log == []

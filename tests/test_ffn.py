@@ -166,16 +166,22 @@ def test_bad_inputs():
         cube_sparse_ffn(x[0], torch.nn.Identity(), ids, 0.5)
 
 
-def test_chunked_cube_means_equal_one_shot(monkeypatch):
-    import adaspark.ops.ffn.gathered as gathered
-
+def test_chunked_cube_means_equal_one_shot():
     x, ids = make(CASES[2])
     f = SwiGLU()
     with torch.no_grad():
         one = cube_sparse_ffn_gathered(x, f, ids, 0.5)
-        monkeypatch.setattr(gathered, "SUM_CHUNK", 3)
-        chunked = cube_sparse_ffn_gathered(x, f, ids, 0.5)
+        assert int((ids >= 0).sum()) > 3  # the chunked run really takes several chunks
+        chunked = cube_sparse_ffn_gathered(x, f, ids, 0.5, ffn_sum_chunk=3)
+        # the dispatcher passes it to the gathered path (the reference has no such knob)
+        via = cube_sparse_ffn(x, f, ids, 0.5, ffn_sum_chunk=3)
+        ref = cube_sparse_ffn(x, f, ids, 0.5, backend="reference", ffn_sum_chunk=3)
     torch.testing.assert_close(chunked, one, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(via, chunked, atol=0, rtol=0)
+    torch.testing.assert_close(ref, one, atol=1e-5, rtol=1e-5)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="ffn_sum_chunk"):
+            cube_sparse_ffn_gathered(x, f, ids, 0.5, ffn_sum_chunk=bad)
 
 
 def test_float64_inputs():

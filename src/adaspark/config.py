@@ -12,7 +12,15 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from adaspark.ops.attention import BACKEND_GRANULARITIES
+from adaspark.ops.attention import (
+    ATTENTION_BACKENDS,
+    BACKEND_GRANULARITIES,
+    DENSE_BLOCK_FRACTION,
+    FLEX_MIN_TOKENS,
+    GATHER_FRACTION,
+    GRANULARITIES,
+)
+from adaspark.ops.ffn import SUM_CHUNK
 from adaspark.ops.selection import SelectionPolicy
 
 Policy = Literal["top_p", "top_k", "ratio"]
@@ -20,12 +28,21 @@ Backend = Literal["auto", "reference", "blocked", "decode", "gather", "flex"]
 Granularity = Literal["token", "cube"]
 
 POLICIES: tuple[str, ...] = ("top_p", "top_k", "ratio")
-BACKENDS: tuple[str, ...] = ("auto", "reference", "blocked", "decode", "gather", "flex")
-GRANULARITIES: tuple[str, ...] = ("token", "cube")
+BACKENDS: tuple[str, ...] = ("auto", *ATTENTION_BACKENDS)
 
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"AdaSparkConfig.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_unit_interval(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value <= 1.0):
+        raise ValueError(f"AdaSparkConfig.{name} must be a number in [0, 1], got {value!r}")
 
 
 def _check_fraction(name: str, value, *, allow_none: bool = False) -> None:
@@ -86,10 +103,29 @@ class AdaSparkConfig:
             the layer runs dense attention instead: the sparse kernel would not pay (measured on
             CPU: flex runs at ~0.5× SDPA's speed per computed pair). The output is then dense
             attention (a superset of AdaS-Attn's keys) and is reported as such. Applies to
-            prefills of at least 4096 tokens (shorter ones always run the exact sparse path).
+            prefills of at least ``flex_min_tokens`` (4096) tokens (shorter ones always run the exact
+            sparse path).
             ``None`` keeps the exact AdaS-Attn semantics always.
         query_block: Block size (tokens) of the attention path; ``None`` = the path's default
             (128 for blocked, 64 for gather and flex).
+        flex_min_tokens: ``backend="auto"`` compiles flex_attention for prefills of at least this
+            many tokens (below, the compile time is not paid back; gather runs instead), and
+            ``dense_fallback`` is decided from this many tokens on. Integer ``>= 0``; default
+            :data:`adaspark.ops.attention.FLEX_MIN_TOKENS` (4096).
+        decode_gather_fraction: The ``decode`` backend gathers the kept K/V when they are at most
+            this fraction of the causal prefix and attends the prefix in place (masked) above it.
+            In ``[0, 1]``; default :data:`adaspark.ops.attention.decode.GATHER_FRACTION` (0.35).
+        blocked_dense_fraction: The ``blocked`` backend attends a query block's causal prefix in
+            place (masked) when the block keeps at least this fraction of it, instead of gathering
+            the kept keys. In ``[0, 1]``; default
+            :data:`adaspark.ops.attention.blocked.DENSE_BLOCK_FRACTION` (0.75).
+        ffn_sum_chunk: The gathered FFN upcasts at most this many FFN output rows at a time to
+            float32 for the cube means (a memory bound). Integer ``>= 1``; default
+            :data:`adaspark.ops.ffn.gathered.SUM_CHUNK` (4096).
+
+    The last four are kernel thresholds, speed trade-offs: none changes what AdaS-Attn or AdaS-FFN
+    computes (except that ``flex_min_tokens`` also sets where ``dense_fallback`` starts). Their
+    defaults are the constants of :mod:`adaspark.ops`, where each number is written once.
     """
 
     p: float = 0.9
@@ -111,6 +147,10 @@ class AdaSparkConfig:
     backend: Backend = "auto"
     dense_fallback: float | None = 0.5
     query_block: int | None = None
+    flex_min_tokens: int = FLEX_MIN_TOKENS
+    decode_gather_fraction: float = GATHER_FRACTION
+    blocked_dense_fraction: float = DENSE_BLOCK_FRACTION
+    ffn_sum_chunk: int = SUM_CHUNK
 
     def __post_init__(self) -> None:
         _check_fraction("p", self.p)
@@ -174,6 +214,10 @@ class AdaSparkConfig:
             raise ValueError(
                 f"AdaSparkConfig.query_block must be None or an integer >= 1, got {self.query_block!r}"
             )
+        _check_int("flex_min_tokens", self.flex_min_tokens, 0)
+        _check_unit_interval("decode_gather_fraction", self.decode_gather_fraction)
+        _check_unit_interval("blocked_dense_fraction", self.blocked_dense_fraction)
+        _check_int("ffn_sum_chunk", self.ffn_sum_chunk, 1)
 
     # ------------------------------------------------------------------ derived values
     @property

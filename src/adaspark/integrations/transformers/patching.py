@@ -422,6 +422,9 @@ class _State:
             query_block=cfg.query_block,
             granularity=cfg.granularity,
             dense_fallback=cfg.dense_fallback,
+            flex_min_tokens=cfg.flex_min_tokens,
+            decode_gather_fraction=cfg.decode_gather_fraction,
+            blocked_dense_fraction=cfg.blocked_dense_fraction,
         )
         return out, None
 
@@ -453,6 +456,7 @@ class _State:
             backend=self.config.backend,
             index=index,
             stats=st,
+            ffn_sum_chunk=self.config.ffn_sum_chunk,
         )
 
     # ---------------------------------------------------------------- FLOPs of the rest

@@ -12,42 +12,55 @@ Backends (all exact: same mask as the reference, errors within 2× PyTorch's own
 * ``auto`` – dense SDPA when the policy keeps everything (only ``auto`` takes this short cut: a
   backend chosen by name runs its own kernel at ``p = 1`` too), ``decode`` for up to 64 new tokens
   after a cache (``blocked`` for more; ``gather`` for video queries at cube granularity),
-  ``flex`` for prefill from 4096 tokens on CUDA and on CPU (bfloat16, float32) when a C++ compiler
-  is there, ``gather`` otherwise. (The gather loop was meant for float32 on CPU; flex is preferred
-  there too. No results file backs that comparison: ``benchmarks/attention_speed.py --backends
-  gather flex`` measures it.)
+  ``flex`` for prefill from ``flex_min_tokens`` (:data:`FLEX_MIN_TOKENS`, 4096) tokens on CUDA and
+  on CPU (bfloat16, float32) when a C++ compiler is there, ``gather`` otherwise. (The gather loop
+  was meant for float32 on CPU; flex is preferred there too. No results file backs that comparison:
+  ``benchmarks/attention_speed.py --backends gather flex`` measures it.)
+
+The block backends (``gather``, ``flex``) have two public steps, :func:`plan_blocks` (selection and
+block pattern, a :class:`BlockPlan`) and :func:`run_blocks` (a kernel of :data:`BLOCK_KERNELS`);
+the dispatcher's ``dense_fallback`` reads the plan before deciding which attention to run.
 """
 
 from __future__ import annotations
 
 import torch
 
-from adaspark.ops.attention.blocked import cube_sparse_attention_blocked
-from adaspark.ops.attention.common import SELECT_BLOCK, AttentionStats, check_attention_inputs
-from adaspark.ops.attention.decode import DECODE_MAX_QUERIES, cube_sparse_attention_decode
+from adaspark.ops.attention.blocked import DENSE_BLOCK_FRACTION, cube_sparse_attention_blocked
+from adaspark.ops.attention.blocks import BlockPlan, plan_blocks, run_blocks
+from adaspark.ops.attention.common import (
+    GRANULARITIES,
+    SELECT_BLOCK,
+    AttentionInputs,
+    AttentionStats,
+    check_attention_inputs,
+    check_granularity,
+    prepare_inputs,
+)
+from adaspark.ops.attention.decode import DECODE_MAX_QUERIES, GATHER_FRACTION, cube_sparse_attention_decode
 from adaspark.ops.attention.dense import dense_causal_attention
 from adaspark.ops.attention.flex import FLEX_BLOCK, cube_sparse_attention_flex, flex_available, flex_kernel
-from adaspark.ops.attention.gather import (
-    GATHER_BLOCK,
-    cube_sparse_attention_gather,
-    gather_kernel,
-    prepare_blocks,
-)
+from adaspark.ops.attention.gather import GATHER_BLOCK, cube_sparse_attention_gather, gather_kernel
 from adaspark.ops.attention.reference import (
     cube_sparse_attention_reference,
     reference_attention_mask,
     reference_cube_keep,
 )
-from adaspark.ops.attention.units import GRANULARITIES, check_granularity
 from adaspark.ops.cubes import CubeIndex
 from adaspark.ops.selection import SelectionPolicy, as_policy
 
 __all__ = [
     "ATTENTION_BACKENDS",
     "BACKEND_GRANULARITIES",
+    "BLOCK_KERNELS",
+    "DENSE_BLOCK_FRACTION",
+    "FLEX_MIN_TOKENS",
+    "GATHER_FRACTION",
     "GRANULARITIES",
     "SELECT_BLOCK",
+    "AttentionInputs",
     "AttentionStats",
+    "BlockPlan",
     "cube_sparse_attention",
     "cube_sparse_attention_blocked",
     "cube_sparse_attention_decode",
@@ -55,12 +68,16 @@ __all__ = [
     "cube_sparse_attention_gather",
     "cube_sparse_attention_reference",
     "dense_causal_attention",
+    "plan_blocks",
+    "prepare_inputs",
     "reference_attention_mask",
     "reference_cube_keep",
     "resolve_attention_backend",
+    "run_blocks",
 ]
 
-#: shortest prefill for which ``auto`` compiles flex_attention
+#: shortest prefill for which ``auto`` compiles flex_attention, and from which ``dense_fallback`` is
+#: decided (the default of ``flex_min_tokens``)
 FLEX_MIN_TOKENS = 4096
 
 ATTENTION_BACKENDS = {
@@ -70,6 +87,11 @@ ATTENTION_BACKENDS = {
     "gather": cube_sparse_attention_gather,
     "flex": cube_sparse_attention_flex,
 }
+
+#: the kernels of the block backends, for :func:`~adaspark.ops.attention.blocks.run_blocks`
+BLOCK_KERNELS = {"gather": gather_kernel, "flex": flex_kernel}
+#: the default block size of each block backend
+_BLOCK_SIZES = {"gather": GATHER_BLOCK, "flex": FLEX_BLOCK}
 
 #: the selection granularities each backend implements for video queries. ``blocked`` and
 #: ``decode`` select per token; they accept ``granularity="cube"`` only for calls without video
@@ -94,11 +116,12 @@ def resolve_attention_backend(
     video_queries: bool = True,
     num_tokens: int = FLEX_MIN_TOKENS,
     num_queries: int = 1,
+    flex_min_tokens: int = FLEX_MIN_TOKENS,
 ) -> str:
     """The concrete backend ``"auto"`` stands for on this device/dtype and call shape.
 
-    Flex is chosen only from :data:`FLEX_MIN_TOKENS` tokens on: below that, its compile time (seconds
-    per new shape) is not paid back.
+    Flex is chosen only from ``flex_min_tokens`` (:data:`FLEX_MIN_TOKENS`) tokens on: below that, its
+    compile time (seconds per new shape) is not paid back.
     """
     if backend != "auto":
         if backend not in ATTENTION_BACKENDS:
@@ -113,7 +136,7 @@ def resolve_attention_backend(
         return "decode" if num_queries <= DECODE_MAX_QUERIES else "blocked"
     dev = torch.device(device)
     cpu_ok = dev.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
-    if (dev.type == "cuda" or cpu_ok) and num_tokens >= FLEX_MIN_TOKENS and flex_available(dev):
+    if (dev.type == "cuda" or cpu_ok) and num_tokens >= flex_min_tokens and flex_available(dev):
         return "flex"
     return "gather"
 
@@ -135,6 +158,9 @@ def cube_sparse_attention(
     query_block: int | None = None,
     granularity: str = "token",
     dense_fallback: float | None = None,
+    flex_min_tokens: int = FLEX_MIN_TOKENS,
+    decode_gather_fraction: float = GATHER_FRACTION,
+    blocked_dense_fraction: float = DENSE_BLOCK_FRACTION,
 ) -> torch.Tensor:
     """Adaptive cube-selective causal attention (AdaS-Attn).
 
@@ -165,10 +191,19 @@ def cube_sparse_attention(
         dense_fallback: With the block paths (``gather``/``flex``, also when ``auto`` picks them):
             if the kept blocks make up more than this fraction of the causal (query, key) pairs,
             run dense causal attention instead (the sparse kernel would not pay). Decided only from
-            :data:`FLEX_MIN_TOKENS` keys on (shorter inputs always run the exact sparse path). The
+            ``flex_min_tokens`` keys on (shorter inputs always run the exact sparse path). The
             result is then dense attention — a superset of what AdaS-Attn attends, recorded as density 1 in
-            ``stats`` (``stats.dense_fallbacks`` counts such calls). ``None`` (default) never falls
-            back, so the output always follows the AdaS-Attn semantics exactly.
+            ``stats`` (``stats.dense_fallbacks`` counts such calls; the selection that was made is
+            still recorded). ``None`` (default) never falls back, so the output always follows the
+            AdaS-Attn semantics exactly.
+        flex_min_tokens: ``auto`` picks ``flex`` for prefills from this many tokens on (compiling
+            does not pay below), and ``dense_fallback`` is decided from this many keys on
+            (default :data:`FLEX_MIN_TOKENS`).
+        decode_gather_fraction: ``decode`` gathers the kept K/V up to this fraction of the causal
+            prefix and reads the prefix in place above it (default :data:`GATHER_FRACTION`).
+        blocked_dense_fraction: ``blocked`` attends a query block's causal prefix in place when it
+            keeps at least this fraction of it (default :data:`DENSE_BLOCK_FRACTION`).
+            These three are speed trade-offs: none changes which keys are attended.
 
     Returns:
         ``[B, Hq, Nq, D]`` in the dtype of ``q``.
@@ -182,6 +217,8 @@ def cube_sparse_attention(
     if isinstance(p, (int, float)) and not isinstance(p, bool) and policy is None and not (0.0 < p <= 1.0):
         raise ValueError(f"p must be in (0, 1], got {p!r}")
     check_granularity(granularity)
+    if isinstance(flex_min_tokens, bool) or not isinstance(flex_min_tokens, int) or flex_min_tokens < 0:
+        raise ValueError(f"flex_min_tokens must be an integer >= 0, got {flex_min_tokens!r}")
     nq, nk = q.shape[-2], k.shape[-2]
     video_queries = nq == nk or bool((cube_ids[:, nk - nq :] >= 0).any())
     name = resolve_attention_backend(
@@ -193,6 +230,7 @@ def cube_sparse_attention(
         video_queries=video_queries,
         num_tokens=nk,
         num_queries=nq,
+        flex_min_tokens=flex_min_tokens,
     )
     pol = as_policy(p, policy)
     # the dense short cut is auto's alone: a named backend must run its kernel (tests force it)
@@ -204,28 +242,24 @@ def cube_sparse_attention(
             f"the 'flex' backend runs prefill only (Nq == Nk), got Nq={nq}, Nk={nk}: new tokens after a "
             "cache need another backend ('auto' picks 'decode' or 'gather' for them)"
         )
-    if dense_fallback is not None and name in ("gather", "flex") and nk >= FLEX_MIN_TOKENS:
+    if dense_fallback is not None and name in BLOCK_KERNELS and nk >= flex_min_tokens:
         if not (0.0 < dense_fallback <= 1.0):
             raise ValueError(f"dense_fallback must be None or in (0, 1], got {dense_fallback!r}")
-        check_attention_inputs(q, k, v, cube_ids, key_mask)
-        d = q.shape[-1]
-        sc = d**-0.5 if scale is None else scale
-        block = query_block or (GATHER_BLOCK if name == "gather" else FLEX_BLOCK)
-        tmp = AttentionStats(q.shape[1], d)
-        sel, pat, _km, _ix = prepare_blocks(
-            q, k, cube_ids, pol, sc, key_mask, mean_keys, index, granularity, tmp, block
-        )
-        if pat.executed > dense_fallback * tmp.causal_pairs * q.shape[1]:
-            out = dense_causal_attention(q, k, v, scale=scale, key_mask=key_mask, stats=stats)
+        inputs = prepare_inputs(
+            q, k, v, cube_ids, p, policy=policy, scale=scale, key_mask=key_mask,
+            mean_keys=mean_keys, index=index, granularity=granularity,
+        )  # fmt: skip
+        plan = plan_blocks(q, inputs, block=query_block or _BLOCK_SIZES[name], stats=stats)
+        if plan.executed > dense_fallback * plan.causal_pairs * inputs.hq:
             if stats is not None:
-                tmp.dense_fallbacks += 1
-                stats.merge(tmp, selection_only=True)
-            return out
-        if stats is not None:
-            stats.merge(tmp)
-        kernel = flex_kernel if name == "flex" else gather_kernel
-        return kernel(q, k, v, sel, pat, sc, stats)
+                stats.dense_fallbacks += 1
+            return dense_causal_attention(q, k, v, scale=scale, key_mask=key_mask, stats=stats)
+        return run_blocks(q, k, v, plan, kernel=BLOCK_KERNELS[name], stats=stats)
     kwargs = {} if query_block is None else {"query_block": query_block}
+    if name == "decode":
+        kwargs["decode_gather_fraction"] = decode_gather_fraction
+    elif name == "blocked":
+        kwargs["blocked_dense_fraction"] = blocked_dense_fraction
     return ATTENTION_BACKENDS[name](
         q,
         k,

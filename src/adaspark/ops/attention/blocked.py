@@ -17,18 +17,18 @@ import torch.nn.functional as F
 from adaspark.ops.attention.common import (
     SELECT_BLOCK,
     AttentionStats,
-    causal_valid_pairs,
-    check_attention_inputs,
+    check_fraction,
+    prepare_inputs,
     select_range,
 )
-from adaspark.ops.attention.units import check_granularity
-from adaspark.ops.cubes import CubeIndex, build_cube_index, cube_mean_keys
-from adaspark.ops.selection import SelectionPolicy, as_policy
+from adaspark.ops.attention.units import token_selection
+from adaspark.ops.cubes import CubeIndex
+from adaspark.ops.selection import SelectionPolicy
 
 __all__ = ["DENSE_BLOCK_FRACTION", "cube_sparse_attention_blocked"]
 
-#: when a block keeps at least this fraction of its causal prefix, attend the prefix in place
-#: (masked) instead of gathering the kept keys into a copy
+#: when a query block keeps at least this fraction of its causal prefix, attend the prefix in place
+#: (masked) instead of gathering the kept keys into a copy (the default of ``blocked_dense_fraction``)
 DENSE_BLOCK_FRACTION = 0.75
 
 
@@ -47,27 +47,29 @@ def cube_sparse_attention_blocked(
     stats: AttentionStats | None = None,
     query_block: int = 128,
     granularity: str = "token",
+    blocked_dense_fraction: float = DENSE_BLOCK_FRACTION,
 ) -> torch.Tensor:
-    """Efficient AdaS-Attn by key gathering (same signature as the reference).
+    """Efficient AdaS-Attn by key gathering (same signature as the reference, plus its threshold).
 
     ``query_block`` is rounded up to a multiple of ``SELECT_BLOCK`` (64). Selection is per token:
     ``granularity="cube"`` is accepted only when no query is a video token (then both are the same,
-    e.g. decoding), and raises otherwise.
+    e.g. decoding), and raises otherwise. A query block that keeps at least
+    ``blocked_dense_fraction`` of its causal prefix attends the prefix in place under the mask
+    instead of gathering the kept keys (same result; a speed trade-off, :data:`DENSE_BLOCK_FRACTION`).
     """
-    bsz, hq, hkv, nq, nk, d = check_attention_inputs(q, k, v, cube_ids, key_mask)
-    check_granularity(granularity)
+    inp = prepare_inputs(
+        q, k, v, cube_ids, p, policy=policy, scale=scale, key_mask=key_mask,
+        mean_keys=mean_keys, index=index, granularity=granularity,
+    )  # fmt: skip
+    check_fraction("blocked_dense_fraction", blocked_dense_fraction)
+    bsz, hq, hkv, nq, nk, d = inp.bsz, inp.hq, inp.hkv, inp.nq, inp.nk, inp.d
     if granularity == "cube" and bool((cube_ids[:, nk - nq :] >= 0).any()):
         raise ValueError(
             "the 'blocked' backend selects per token; use 'gather' or 'flex' for granularity='cube'"
         )
-    pol = as_policy(p, policy)
-    scale = d**-0.5 if scale is None else scale
-    own_means = mean_keys is None
-    if index is None:
-        index = build_cube_index(cube_ids)
-    if mean_keys is None:
-        mean_keys = cube_mean_keys(k, index)
-    km = torch.ones(bsz, nk, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
+    pol, scale, index, mean_keys, km = inp.policy, inp.scale, inp.index, inp.mean_keys, inp.key_mask
+    record = stats is not None and stats.record
+    keeps = []  # the per-sample selections, kept only when recorded
     g = hq // hkv
     qb_size = max(SELECT_BLOCK, -(-query_block // SELECT_BLOCK) * SELECT_BLOCK)
     q_offset = nk - nq
@@ -78,6 +80,8 @@ def cube_sparse_attention_blocked(
         kc = cube_ids[b]
         kv_ok = km[b]
         kcls = torch.where(kc >= 0, kc, torch.full_like(kc, n_cls))
+        if record:
+            keeps.append(torch.zeros(hq, nq, n_cls, dtype=torch.bool, device=q.device))
         for s in range(0, nq, qb_size):
             e = min(s + qb_size, nq)
             bq = e - s
@@ -85,6 +89,8 @@ def cube_sparse_attention_blocked(
             qc = kc[qpos]
             qvalid = kv_ok[qpos]
             keep = select_range(q[b], mean_keys[b], s, e, q_offset, kc, index, b, pol, scale, kv_ok, stats)
+            if record:
+                keeps[b][:, s:e] = keep
             # per (head, query) table over key classes: kept cubes + own cube + non-video keys
             table = torch.ones(hq, bq, n_cls + 1, dtype=torch.bool, device=q.device)
             table[..., :n_cls] = keep
@@ -97,7 +103,7 @@ def cube_sparse_attention_blocked(
             if m == 0:
                 out[b, :, s:e] = 0
                 continue
-            dense_prefix = m >= DENSE_BLOCK_FRACTION * (last + 1)
+            dense_prefix = m >= blocked_dense_fraction * (last + 1)
             if dense_prefix:
                 # nearly everything is kept: attend the whole prefix (a view, no gather) under the mask
                 m = last + 1
@@ -136,9 +142,8 @@ def cube_sparse_attention_blocked(
                 stats.attended += rows.reshape(hq, -1, n_cls + 1).sum(1) @ per_cls
                 stats.attended += (bias[:, :, t0:] == 0).sum(dim=(1, 2)).double()
                 stats.executed += int(qvalid.sum()) * m * hq
-    if stats is not None:
-        stats.kv_heads = hkv
-        stats.queries += int(km[:, q_offset:].sum())
-        stats.causal_pairs += int(causal_valid_pairs(km, nq).sum())
-        stats.mean_key_tokens += int((cube_ids >= 0).sum()) if own_means else 0
+    inp.count_call(stats)
+    inp.count_mean_keys(stats)
+    if record:
+        stats.log_selection(token_selection(torch.stack(keeps), cube_ids, km))
     return out

@@ -12,21 +12,37 @@ always evaluated with the original positions.
 The block pattern marks, per head and (query block, key block) pair, whether the block holds any
 attended pair (``kept``) and whether it holds only attended pairs (``full``: a kernel may skip the
 mask there). Both are computed from class counts, never from the token-level mask.
+
+The block backends (``gather``, ``flex``) run in two public steps, so that a caller (the dispatcher's
+dense fallback) can look at what a kernel would compute before running it::
+
+    inputs = prepare_inputs(q, k, v, cube_ids, p, ...)      # the shared preamble
+    plan = plan_blocks(q, inputs, block=64, stats=stats)     # selection + block pattern
+    plan.executed_fraction                                   # share of dense causal work it would do
+    out = run_blocks(q, k, v, plan, kernel=gather_kernel, stats=stats)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from adaspark.ops.attention.units import Selection, key_classes
+from adaspark.ops.attention.common import AttentionInputs, AttentionStats, causal_valid_pairs
+from adaspark.ops.attention.units import Selection, attended_pairs, key_classes, select_units
 from adaspark.ops.cubes import NEVER, CubeIndex
 
-__all__ = ["BlockPattern", "block_pattern", "cube_major_order"]
+__all__ = ["BlockPattern", "BlockPlan", "block_pattern", "cube_major_order", "plan_blocks", "run_blocks"]
 
 #: positions of padded slots (after every real position, so never causally visible)
 _PAD_POS = NEVER // 2
+#: :func:`block_pattern` counts the queries of a block per unit with one matmul while the units are
+#: at most ``UNIT_MATMUL_FACTOR * classes + UNIT_MATMUL_SLACK`` (cube granularity), and row by row
+#: in chunks of about ``PATTERN_CHUNK_TOKENS`` queries otherwise (token granularity: one unit per query)
+UNIT_MATMUL_FACTOR = 4
+UNIT_MATMUL_SLACK = 64
+PATTERN_CHUNK_TOKENS = 4096
 
 
 def cube_major_order(cube_ids: torch.Tensor, index: CubeIndex) -> torch.Tensor:
@@ -131,12 +147,12 @@ def block_pattern(
     n_kv = mk.sum(-1)  # [B, nK]
     n_qv = q_valid.view(bsz, n_qb, block).sum(-1).float()  # [B, nQ]
     # qa[b, h, qb, j]: valid queries of block qb whose unit attends class j
-    if n_units <= 4 * ncls + 64:
+    if n_units <= UNIT_MATMUL_FACTOR * ncls + UNIT_MATMUL_SLACK:
         mq = _block_counts(q_unit, q_valid, n_qb, block, n_units)  # [B, nQ, U]
         qa = torch.matmul(mq[:, None], sel.table.float())  # [B, Hq, nQ, ncls]
     else:
         qa = torch.empty(bsz, hq, n_qb, ncls, dtype=torch.float32, device=dev)
-        step = max(1, 4096 // block)
+        step = max(1, PATTERN_CHUNK_TOKENS // block)
         for b in range(bsz):
             for s in range(0, n_qb, step):
                 e = min(s + step, n_qb)
@@ -178,3 +194,79 @@ def block_pattern(
         full=full,
         executed=executed,
     )
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """What a block kernel runs: one call's inputs, its selection and its block pattern.
+
+    Attributes:
+        inputs: the checked call inputs (:class:`~adaspark.ops.attention.common.AttentionInputs`).
+        selection: the cube selection (:class:`~adaspark.ops.attention.units.Selection`).
+        pattern: the block pattern of the selection (:class:`BlockPattern`).
+        causal_pairs: causal (valid query, valid key) pairs of the call, per head.
+    """
+
+    inputs: AttentionInputs
+    selection: Selection
+    pattern: BlockPattern
+    causal_pairs: int
+
+    @property
+    def block(self) -> int:
+        return self.pattern.block
+
+    @property
+    def executed(self) -> int:
+        """Score entries a block kernel computes for this plan (summed over heads)."""
+        return self.pattern.executed
+
+    @property
+    def executed_fraction(self) -> float:
+        """:attr:`executed` relative to dense causal attention (``causal_pairs`` × heads; 1.0 if none)."""
+        tot = self.causal_pairs * self.inputs.hq
+        return self.executed / tot if tot else 1.0
+
+
+def plan_blocks(
+    q: torch.Tensor, inputs: AttentionInputs, *, block: int, stats: AttentionStats | None = None
+) -> BlockPlan:
+    """Step one of the block backends: the cube selection and its block pattern.
+
+    Args:
+        q: ``[B, Hq, Nq, D]`` queries.
+        inputs: the call's :func:`~adaspark.ops.attention.common.prepare_inputs`.
+        block: block size in tokens (queries and keys), ``>= 1``.
+        stats: receives what the selection computes (entropy / kept / candidates, the mean-key
+            tokens, the selection itself with ``stats.record``); the attention counters come
+            with :func:`run_blocks`.
+    """
+    block = int(block)
+    if block < 1:
+        raise ValueError(f"query_block must be >= 1, got {block}")
+    inp = inputs
+    sel = select_units(
+        q, inp.mean_keys, inp.cube_ids, inp.key_mask, inp.index, inp.policy, inp.scale, inp.granularity, stats
+    )
+    pat = block_pattern(sel, inp.cube_ids, inp.key_mask, inp.index, block)
+    inp.count_mean_keys(stats)
+    pairs = int(causal_valid_pairs(inp.key_mask, inp.nq).sum())
+    return BlockPlan(inputs=inp, selection=sel, pattern=pat, causal_pairs=pairs)
+
+
+def run_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockPlan,
+    *,
+    kernel: Callable[..., torch.Tensor],
+    stats: AttentionStats | None = None,
+) -> torch.Tensor:
+    """Step two: run ``kernel`` (``gather_kernel`` or ``flex_kernel``, signature
+    ``(q, k, v, plan, stats)``) on a plan; adds the attention counters of the call to ``stats``."""
+    inp = plan.inputs
+    inp.count_call(stats)
+    if stats is not None:
+        stats.attended += attended_pairs(plan.selection, inp.cube_ids, inp.key_mask)
+    return kernel(q, k, v, plan, stats)

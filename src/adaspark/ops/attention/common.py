@@ -1,4 +1,4 @@
-"""Pieces shared by every AdaS-Attn path: input checks, per-block cube selection, statistics.
+"""Pieces shared by every AdaS-Attn path: the input preamble, per-block cube selection, statistics.
 
 Tensor layout (the one layout of ``adaspark.ops``):
     q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D]`` with ``Hq % Hkv == 0`` (GQA: query head ``h`` reads
@@ -17,9 +17,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adaspark.ops.cubes import CubeIndex
-from adaspark.ops.selection import SelectionPolicy, entropy, keep_from_probs, masked_softmax
+from adaspark.ops.cubes import CubeIndex, build_cube_index, cube_mean_keys
+from adaspark.ops.selection import SelectionPolicy, as_policy, entropy, keep_from_probs, masked_softmax
 
+#: the selection granularities (see :mod:`adaspark.ops.attention.units`)
+GRANULARITIES: tuple[str, ...] = ("token", "cube")
+
+#: queries scored per selection matmul (a fixed blocking aligned at query 0: bit-identical selections)
 SELECT_BLOCK = 64
 
 
@@ -43,6 +47,14 @@ class AttentionStats:
         kv_heads: ``Hkv``.
         dense_fallbacks: calls that ran dense attention because the kept blocks were too many to pay
             (``dense_fallback`` of :func:`adaspark.ops.cube_sparse_attention`).
+        record: opt-in: keep the selection of every call in ``selections_log`` (costs memory:
+            a ``[B, Hq, U, C + 1]`` bool table per call).
+        selections_log: with ``record``, one :class:`~adaspark.ops.attention.units.Selection` per
+            call that ran a cube selection, in call order: what the kernel used, also when the call
+            then fell back to dense attention. Per head and query unit the kept key classes
+            (``table``, own cube and non-video class included) and each query's unit (``unit``);
+            :meth:`~adaspark.ops.attention.units.Selection.kept_cubes` gives the kept candidate
+            cubes per query in the layout of ``reference_cube_keep``.
     """
 
     num_heads: int
@@ -58,6 +70,8 @@ class AttentionStats:
     entropy_sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
     kept_sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
     candidates_sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    record: bool = False
+    selections_log: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("attended", "selections", "entropy_sum", "kept_sum", "candidates_sum"):
@@ -72,6 +86,8 @@ class AttentionStats:
         self.candidates_sum += other.candidates_sum
         self.mean_key_tokens += other.mean_key_tokens
         self.dense_fallbacks += other.dense_fallbacks
+        if self.record:
+            self.selections_log.extend(other.selections_log)
         if selection_only:
             return
         self.kv_heads = other.kv_heads or self.kv_heads
@@ -91,6 +107,11 @@ class AttentionStats:
         """Score entries computed by the kernel relative to dense causal attention."""
         tot = self.causal_pairs * self.num_heads
         return self.executed / tot if tot else 1.0
+
+    def log_selection(self, selection) -> None:
+        """Keep ``selection`` (a :class:`~adaspark.ops.attention.units.Selection`) if ``record`` is on."""
+        if self.record:
+            self.selections_log.append(selection)
 
     def add_selection(self, probs: torch.Tensor, keep: torch.Tensor, cand: torch.Tensor, qvalid) -> None:
         """Record the distributions of one block: ``probs``/``keep`` ``[Hq, bq, C]``, ``cand`` ``[bq, C]``."""
@@ -136,6 +157,116 @@ def check_attention_inputs(q, k, v, cube_ids, key_mask) -> tuple[int, int, int, 
             f"{tuple(key_mask.shape)} {key_mask.dtype}"
         )
     return bsz, hq, hkv, nq, nk, d
+
+
+def check_fraction(name: str, value) -> float:
+    """A kernel threshold in ``[0, 1]``, or a ``ValueError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_granularity(granularity: str) -> str:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    return granularity
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """The checked inputs of one attention call, with every default filled in.
+
+    What :func:`prepare_inputs` returns and every backend starts from. ``key_mask`` is never
+    ``None`` (all True without padding); ``mean_keys`` and ``index`` are the caller's or computed
+    here (``own_means`` says which, for the ``mean_key_tokens`` statistic).
+    """
+
+    bsz: int
+    hq: int
+    hkv: int
+    nq: int
+    nk: int
+    d: int
+    cube_ids: torch.Tensor
+    key_mask: torch.Tensor
+    index: CubeIndex
+    mean_keys: torch.Tensor
+    policy: SelectionPolicy
+    scale: float
+    granularity: str
+    own_means: bool
+
+    @property
+    def q_offset(self) -> int:
+        """Position of the first query: queries are the last ``Nq`` of the ``Nk`` key positions."""
+        return self.nk - self.nq
+
+    @property
+    def query_valid(self) -> torch.Tensor:
+        """``[B, Nq]`` bool, False for padding queries."""
+        return self.key_mask[:, self.q_offset :]
+
+    def count_call(self, stats: AttentionStats | None) -> None:
+        """Add the attention counters every kernel shares: kv heads, valid queries, causal pairs."""
+        if stats is None:
+            return
+        stats.kv_heads = self.hkv
+        stats.queries += int(self.query_valid.sum())
+        stats.causal_pairs += int(causal_valid_pairs(self.key_mask, self.nq).sum())
+
+    def count_mean_keys(self, stats: AttentionStats | None) -> None:
+        """Add the key tokens averaged into cube mean keys (none when the caller passed ``mean_keys``)."""
+        if stats is not None and self.own_means:
+            stats.mean_key_tokens += int((self.cube_ids >= 0).sum())
+
+
+def prepare_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor | None,
+    cube_ids: torch.Tensor,
+    p: float | SelectionPolicy = 0.9,
+    *,
+    policy: SelectionPolicy | None = None,
+    scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+    mean_keys: torch.Tensor | None = None,
+    index: CubeIndex | None = None,
+    granularity: str = "token",
+) -> AttentionInputs:
+    """The input preamble of every AdaS-Attn backend (the arguments of the common signature).
+
+    Checks shapes and dtypes (:func:`check_attention_inputs`; ``v=None`` skips ``v``, for the
+    selection-only functions) and the granularity, resolves the policy, fills the default scale
+    ``D ** -0.5``, builds the cube index and cube mean keys unless given, and an all-True key mask
+    when there is no padding.
+    """
+    bsz, hq, hkv, nq, nk, d = check_attention_inputs(q, k, k if v is None else v, cube_ids, key_mask)
+    check_granularity(granularity)
+    pol = as_policy(p, policy)
+    own_means = mean_keys is None
+    if index is None:
+        index = build_cube_index(cube_ids)
+    if mean_keys is None:
+        mean_keys = cube_mean_keys(k, index)
+    if key_mask is None:
+        key_mask = torch.ones(bsz, nk, dtype=torch.bool, device=q.device)
+    return AttentionInputs(
+        bsz=bsz,
+        hq=hq,
+        hkv=hkv,
+        nq=nq,
+        nk=nk,
+        d=d,
+        cube_ids=cube_ids,
+        key_mask=key_mask,
+        index=index,
+        mean_keys=mean_keys,
+        policy=pol,
+        scale=d**-0.5 if scale is None else scale,
+        granularity=granularity,
+        own_means=own_means,
+    )
 
 
 def select_block(

@@ -14,24 +14,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from adaspark.ops.attention.common import (
-    AttentionStats,
-    causal_valid_pairs,
-    check_attention_inputs,
-    select_range,
-)
-from adaspark.ops.attention.units import check_granularity
-from adaspark.ops.cubes import CubeIndex, build_cube_index, cube_mean_keys
-from adaspark.ops.selection import SelectionPolicy, as_policy
+from adaspark.ops.attention.common import AttentionStats, check_fraction, prepare_inputs, select_range
+from adaspark.ops.attention.units import token_selection
+from adaspark.ops.cubes import CubeIndex
+from adaspark.ops.selection import SelectionPolicy
 
-__all__ = ["DECODE_MAX_QUERIES", "cube_sparse_attention_decode"]
+__all__ = ["DECODE_MAX_QUERIES", "GATHER_FRACTION", "cube_sparse_attention_decode"]
 
 #: ``auto`` sends calls with at most this many new queries after a cache here
 DECODE_MAX_QUERIES = 64
 #: gather the kept K/V only when they are at most this fraction of the causal prefix; above it the
 #: prefix is attended in place under the mask. Decoding is memory-bound on CPU: a gather reads and
 #: writes the kept rows before SDPA reads them again, so it pays only below ~0.4 (measured at 32k,
-#: bf16, 28/4 heads: 0.42 of the prefix gathered took as long as dense)
+#: bf16, 28/4 heads: 0.42 of the prefix gathered took as long as dense). The default of
+#: ``decode_gather_fraction``.
 GATHER_FRACTION = 0.35
 
 
@@ -50,27 +46,30 @@ def cube_sparse_attention_decode(
     stats: AttentionStats | None = None,
     query_block: int = 128,
     granularity: str = "token",
+    decode_gather_fraction: float = GATHER_FRACTION,
 ) -> torch.Tensor:
-    """AdaS-Attn for a few queries (same signature as the reference; ``query_block`` is unused).
+    """AdaS-Attn for a few queries (same signature as the reference, plus its threshold;
+    ``query_block`` is unused).
 
     Selection is per token; ``granularity="cube"`` is accepted when no query is a video token
-    (generated tokens never are) and raises otherwise.
+    (generated tokens never are) and raises otherwise. The kept K/V are gathered when they are at
+    most ``decode_gather_fraction`` of the causal prefix, else the prefix is attended in place under
+    the mask (same result; a speed trade-off, :data:`GATHER_FRACTION`).
     """
-    bsz, hq, hkv, nq, nk, d = check_attention_inputs(q, k, v, cube_ids, key_mask)
-    check_granularity(granularity)
-    q_offset = nk - nq
+    inp = prepare_inputs(
+        q, k, v, cube_ids, p, policy=policy, scale=scale, key_mask=key_mask,
+        mean_keys=mean_keys, index=index, granularity=granularity,
+    )  # fmt: skip
+    check_fraction("decode_gather_fraction", decode_gather_fraction)
+    bsz, hq, hkv, nq, nk, d = inp.bsz, inp.hq, inp.hkv, inp.nq, inp.nk, inp.d
+    q_offset = inp.q_offset
     if granularity == "cube" and bool((cube_ids[:, q_offset:] >= 0).any()):
         raise ValueError(
             "the 'decode' backend selects per token; use 'gather' for video queries at cube granularity"
         )
-    pol = as_policy(p, policy)
-    scale = d**-0.5 if scale is None else scale
-    own_means = mean_keys is None
-    if index is None:
-        index = build_cube_index(cube_ids)
-    if mean_keys is None:
-        mean_keys = cube_mean_keys(k, index)
-    km = torch.ones(bsz, nk, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
+    pol, scale, index, mean_keys, km = inp.policy, inp.scale, inp.index, inp.mean_keys, inp.key_mask
+    record = stats is not None and stats.record
+    keeps = []  # the per-sample selections, kept only when recorded
     g = hq // hkv
     c = index.max_cubes
     neg = float("-inf")
@@ -88,6 +87,8 @@ def cube_sparse_attention_decode(
             table[..., :c] = select_range(
                 q[b], mean_keys[b], 0, nq, q_offset, kc, index, b, pol, scale, km[b], stats
             )
+        if record:
+            keeps.append(table[..., :c].clone())
         qc = kc[q_offset:]
         vq = (qc >= 0).nonzero().squeeze(1)
         table[:, vq, qc[vq]] = True
@@ -102,7 +103,7 @@ def cube_sparse_attention_decode(
         if m == 0:  # no valid query in this sample (all padding)
             out[b] = 0
             continue
-        if m > GATHER_FRACTION * (last + 1):
+        if m > decode_gather_fraction * (last + 1):
             # most of the prefix is kept: copying it would cost more than reading it in place
             m = last + 1
             gpos = kpos[:m].expand(hkv, m)
@@ -125,10 +126,10 @@ def cube_sparse_attention_decode(
         executed += int(qv.sum()) * m * hq
         if stats is not None:
             stats.attended += allowed.view(hq, nq, m).sum(dim=(1, 2)).double()
+    inp.count_call(stats)
+    inp.count_mean_keys(stats)
     if stats is not None:
-        stats.kv_heads = hkv
-        stats.queries += int(km[:, q_offset:].sum())
-        stats.causal_pairs += int(causal_valid_pairs(km, nq).sum())
         stats.executed += executed
-        stats.mean_key_tokens += int((cube_ids >= 0).sum()) if own_means else 0
+    if record:
+        stats.log_selection(token_selection(torch.stack(keeps), cube_ids, km))
     return out

@@ -10,31 +10,32 @@ blocks cost nothing.
 Compilation: ``dynamic=False`` (dynamic shapes hit a C++ codegen error on CPU when the mask_mod
 captures tensors), one compile per (padded length, block, dtype, heads, head dim, device). Lengths
 are padded up to a bucket (:func:`bucket_length`) and the selection table to a power of two, so a
-new prompt length rarely recompiles. Never runs flex_attention eagerly (eager flex on CPU
-materialises the full score matrix). ``torch.nn.attention.flex_attention`` is imported lazily.
+new prompt length rarely recompiles. While the compiled kernel runs (and only then), dynamo's
+recompile limit is raised to :data:`RECOMPILE_LIMIT`; the process-wide setting the user chose is
+left as it was. Never runs flex_attention eagerly (eager flex on CPU materialises the full score
+matrix). ``torch.nn.attention.flex_attention`` is imported lazily.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
 import torch
 
-from adaspark.ops.attention.blocks import BlockPattern
-from adaspark.ops.attention.common import AttentionStats, check_attention_inputs
-from adaspark.ops.attention.gather import prepare_blocks
-from adaspark.ops.attention.units import Selection, check_granularity
+from adaspark.ops.attention.blocks import BlockPlan, plan_blocks, run_blocks
+from adaspark.ops.attention.common import AttentionStats, prepare_inputs
 from adaspark.ops.cubes import CubeIndex
-from adaspark.ops.selection import SelectionPolicy, as_policy
+from adaspark.ops.selection import SelectionPolicy
 
 __all__ = ["FLEX_BLOCK", "bucket_length", "cube_sparse_attention_flex", "flex_available", "flex_kernel"]
 
 #: default block size of the flex path: one 4×4×4 cube (measured on CPU at 8k tokens, density 0.14:
 #: 64-token blocks 3.5 s, 128-token blocks 10.3 s — two cubes per block share their kept sets)
 FLEX_BLOCK = 64
-#: compiled variants kept before dynamo gives up recompiling (raised from its default of 8)
-_RECOMPILE_LIMIT = 64
+#: compiled variants of the flex kernel dynamo may keep (its default is 8), set only around the call
+RECOMPILE_LIMIT = 64
 
 
 def flex_available(device: torch.device | str) -> bool:
@@ -68,14 +69,22 @@ def bucket_length(n: int, block: int) -> int:
 
 @functools.cache
 def _compiled_flex():
-    import torch._dynamo
     from torch.nn.attention.flex_attention import flex_attention
 
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, name) and getattr(cfg, name) < _RECOMPILE_LIMIT:
-            setattr(cfg, name, _RECOMPILE_LIMIT)
     return torch.compile(flex_attention, dynamic=False)
+
+
+def _recompile_limit():
+    """A context raising dynamo's recompile limit to :data:`RECOMPILE_LIMIT` (never lowering it) for
+    its duration only; a no-op while dynamo traces (inside a user's compiled region)."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    # ``recompile_limit`` since PyTorch 2.6, ``cache_size_limit`` before (now an alias of it)
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    if torch.compiler.is_compiling() or getattr(cfg, name) >= RECOMPILE_LIMIT:
+        return contextlib.nullcontext()
+    return cfg.patch({name: RECOMPILE_LIMIT})
 
 
 def _kv_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,36 +120,40 @@ def cube_sparse_attention_flex(
 ) -> torch.Tensor:
     """AdaS-Attn with compiled flex_attention (same signature as the reference).
 
-    ``query_block`` is the block size of the ``BlockMask`` (default 128). Needs ``Nq == Nk``
-    (prefill); the dispatcher sends decoding elsewhere.
+    ``query_block`` is the block size of the ``BlockMask`` (default 64). Needs ``Nq == Nk``
+    (prefill); the dispatcher sends decoding elsewhere. The two steps,
+    :func:`~adaspark.ops.attention.blocks.plan_blocks` then
+    :func:`~adaspark.ops.attention.blocks.run_blocks` with :func:`flex_kernel`, are public.
     """
-    _bsz, _hq, _hkv, nq, nk, d = check_attention_inputs(q, k, v, cube_ids, key_mask)
+    inp = prepare_inputs(
+        q, k, v, cube_ids, p, policy=policy, scale=scale, key_mask=key_mask,
+        mean_keys=mean_keys, index=index, granularity=granularity,
+    )  # fmt: skip
+    _check_prefill(inp.nq, inp.nk)
+    plan = plan_blocks(q, inp, block=query_block, stats=stats)
+    return run_blocks(q, k, v, plan, kernel=flex_kernel, stats=stats)
+
+
+def _check_prefill(nq: int, nk: int) -> None:
     if nq != nk:
         raise ValueError(f"the flex path needs Nq == Nk (prefill), got Nq={nq}, Nk={nk}")
-    check_granularity(granularity)
-    pol = as_policy(p, policy)
-    scale = d**-0.5 if scale is None else scale
-    block = int(query_block)
-    sel, pat, _km, _index = prepare_blocks(
-        q, k, cube_ids, pol, scale, key_mask, mean_keys, index, granularity, stats, block
-    )
-    return flex_kernel(q, k, v, sel, pat, scale, stats)
 
 
 def flex_kernel(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    sel: Selection,
-    pat: BlockPattern,
-    scale: float,
+    plan: BlockPlan,
     stats: AttentionStats | None = None,
 ) -> torch.Tensor:
-    """Compiled flex_attention for a prepared selection and block pattern (prefill, ``Nq == Nk``)."""
+    """Compiled flex_attention for a :class:`~adaspark.ops.attention.blocks.BlockPlan` (prefill,
+    ``Nq == Nk``; adds ``executed`` to ``stats``)."""
     from torch.nn.attention.flex_attention import BlockMask
 
+    sel, pat, scale = plan.selection, plan.pattern, plan.inputs.scale
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
+    _check_prefill(nq, nk)
     block = pat.block
     n = bucket_length(nk, block)
     nb = n // block
@@ -175,7 +188,8 @@ def flex_kernel(
     qp = permuted(q, pat.q_perm)
     kp = permuted(k, pat.k_perm)
     vp = permuted(v, pat.k_perm)
-    outp = _compiled_flex()(qp, kp, vp, block_mask=bm, scale=scale, enable_gqa=hkv != hq)
+    with _recompile_limit():
+        outp = _compiled_flex()(qp, kp, vp, block_mask=bm, scale=scale, enable_gqa=hkv != hq)
     outp = outp[:, :, :nq].masked_fill(~pat.q_valid[:, None, :nq, None], 0)
     out = torch.empty_like(outp)
     out.scatter_(2, pat.q_perm[:, None, :, None].expand(-1, hq, -1, d), outp)

@@ -22,18 +22,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from adaspark.ops.attention.blocks import BlockPattern, block_pattern
-from adaspark.ops.attention.common import AttentionStats, causal_valid_pairs, check_attention_inputs
-from adaspark.ops.attention.units import Selection, attended_pairs, check_granularity, select_units
-from adaspark.ops.cubes import CubeIndex, build_cube_index, cube_mean_keys
-from adaspark.ops.selection import SelectionPolicy, as_policy
+from adaspark.ops.attention.blocks import BlockPlan, plan_blocks, run_blocks
+from adaspark.ops.attention.common import AttentionStats, prepare_inputs
+from adaspark.ops.cubes import CubeIndex
+from adaspark.ops.selection import SelectionPolicy
 
 __all__ = [
     "DENSE_PREFIX_FRACTION",
     "GATHER_BLOCK",
     "cube_sparse_attention_gather",
     "gather_kernel",
-    "prepare_blocks",
 ]
 
 #: default block size (tokens) of the block paths: one 4×4×4 cube
@@ -43,29 +41,6 @@ DENSE_PREFIX_FRACTION = 0.75
 #: gather per query head (instead of once per GQA group, heads stacked) when the busiest head keeps
 #: fewer than this fraction of the blocks of the busiest group's union
 PER_HEAD_FRACTION = 0.7
-
-
-def prepare_blocks(
-    q, k, cube_ids, pol, scale, key_mask, mean_keys, index, granularity, stats, block
-) -> tuple[Selection, BlockPattern, torch.Tensor, CubeIndex]:
-    """Selection and block pattern shared by the block kernels (also records selection stats)."""
-    bsz, nk = cube_ids.shape
-    if index is None:
-        index = build_cube_index(cube_ids)
-    own_means = mean_keys is None
-    if mean_keys is None:
-        mean_keys = cube_mean_keys(k, index)
-    km = torch.ones(bsz, nk, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
-    sel = select_units(q, mean_keys, cube_ids, km, index, pol, scale, granularity, stats)
-    pat = block_pattern(sel, cube_ids, km, index, block)
-    if stats is not None:
-        nq = q.shape[2]
-        stats.kv_heads = k.shape[1]
-        stats.queries += int(km[:, nk - nq :].sum())
-        stats.causal_pairs += int(causal_valid_pairs(km, nq).sum())
-        stats.attended += attended_pairs(sel, cube_ids, km)
-        stats.mean_key_tokens += int((cube_ids >= 0).sum()) if own_means else 0
-    return sel, pat, km, index
 
 
 def _permute_rows(x: torch.Tensor, perm: torch.Tensor, slots: int) -> torch.Tensor:
@@ -94,32 +69,28 @@ def cube_sparse_attention_gather(
 ) -> torch.Tensor:
     """AdaS-Attn by block gathering (same signature as the reference).
 
-    ``query_block`` is the block size in tokens (queries and keys), default one 4×4×4 cube.
+    ``query_block`` is the block size in tokens (queries and keys), default one 4×4×4 cube. The two
+    steps, :func:`~adaspark.ops.attention.blocks.plan_blocks` then
+    :func:`~adaspark.ops.attention.blocks.run_blocks` with :func:`gather_kernel`, are public.
     """
-    check_attention_inputs(q, k, v, cube_ids, key_mask)
-    check_granularity(granularity)
-    d = q.shape[-1]
-    pol = as_policy(p, policy)
-    scale = d**-0.5 if scale is None else scale
-    block = int(query_block)
-    if block < 1:
-        raise ValueError(f"query_block must be >= 1, got {query_block}")
-    sel, pat, _km, _index = prepare_blocks(
-        q, k, cube_ids, pol, scale, key_mask, mean_keys, index, granularity, stats, block
-    )
-    return gather_kernel(q, k, v, sel, pat, scale, stats)
+    inp = prepare_inputs(
+        q, k, v, cube_ids, p, policy=policy, scale=scale, key_mask=key_mask,
+        mean_keys=mean_keys, index=index, granularity=granularity,
+    )  # fmt: skip
+    plan = plan_blocks(q, inp, block=query_block, stats=stats)
+    return run_blocks(q, k, v, plan, kernel=gather_kernel, stats=stats)
 
 
 def gather_kernel(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    sel: Selection,
-    pat: BlockPattern,
-    scale: float,
+    plan: BlockPlan,
     stats: AttentionStats | None = None,
 ) -> torch.Tensor:
-    """The gather loop for a prepared selection and block pattern (adds ``executed`` to ``stats``)."""
+    """The gather loop for a :class:`~adaspark.ops.attention.blocks.BlockPlan` (adds ``executed``
+    to ``stats``)."""
+    sel, pat, scale = plan.selection, plan.pattern, plan.inputs.scale
     bsz, hq, nq, d = q.shape
     hkv = k.shape[1]
     block = pat.block

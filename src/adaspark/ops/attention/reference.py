@@ -9,28 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from adaspark.ops.attention.common import (
-    AttentionStats,
-    causal_valid_pairs,
-    check_attention_inputs,
-    select_range,
-)
-from adaspark.ops.attention.units import check_granularity, select_units
-from adaspark.ops.cubes import CubeIndex, build_cube_index, cube_mean_keys
-from adaspark.ops.selection import SelectionPolicy, as_policy
+from adaspark.ops.attention.common import AttentionInputs, AttentionStats, prepare_inputs, select_range
+from adaspark.ops.attention.units import select_units, token_selection
+from adaspark.ops.cubes import CubeIndex
+from adaspark.ops.selection import SelectionPolicy
 
 __all__ = ["cube_sparse_attention_reference", "reference_attention_mask", "reference_cube_keep"]
-
-
-def _prepare(q, k, cube_ids, key_mask, mean_keys, index):
-    bsz, _hq, _hkv, _nq, nk, _d = check_attention_inputs(q, k, k, cube_ids, key_mask)
-    if index is None:
-        index = build_cube_index(cube_ids)
-    if mean_keys is None:
-        mean_keys = cube_mean_keys(k, index)
-    if key_mask is None:
-        key_mask = torch.ones(bsz, nk, dtype=torch.bool, device=q.device)
-    return index, mean_keys, key_mask
 
 
 def reference_cube_keep(
@@ -51,29 +35,29 @@ def reference_cube_keep(
 
     ``granularity="cube"``: the video queries of a cube share the selection of their cube (the
     average of their distributions, :mod:`adaspark.ops.attention.units`); non-video queries select
-    per token.
+    per token. With ``stats.record`` the selection is appended to ``stats.selections_log``.
     """
-    check_granularity(granularity)
-    pol = as_policy(p, policy)
-    index, mean_keys, key_mask = _prepare(q, k, cube_ids, key_mask, mean_keys, index)
-    bsz, hq, nq, d = q.shape
-    nk = k.shape[2]
-    scale = d**-0.5 if scale is None else scale
-    c = index.max_cubes
-    if granularity == "cube":
-        sel = select_units(q, mean_keys, cube_ids, key_mask, index, pol, scale, "cube", stats)
-        keep = sel.table[..., :c].gather(2, sel.unit[:, None, :, None].expand(bsz, hq, nq, c)).clone()
-        qc = cube_ids[:, nk - nq :]
-        for b in range(bsz):
-            vq = (qc[b] >= 0).nonzero().squeeze(1)
-            keep[b, :, vq, qc[b, vq]] = False
-        return keep
-    keep = torch.zeros(bsz, hq, nq, c, dtype=torch.bool, device=q.device)
-    for b in range(bsz):
-        if nq:
+    inp = prepare_inputs(
+        q, k, None, cube_ids, p, policy=policy, scale=scale, key_mask=key_mask,
+        mean_keys=mean_keys, index=index, granularity=granularity,
+    )  # fmt: skip
+    return _cube_keep(q, inp, stats)
+
+
+def _cube_keep(q: torch.Tensor, inp: AttentionInputs, stats: AttentionStats | None) -> torch.Tensor:
+    pol, scale, c = inp.policy, inp.scale, inp.index.max_cubes
+    if inp.granularity == "cube":
+        sel = select_units(q, inp.mean_keys, inp.cube_ids, inp.key_mask, inp.index, pol, scale, "cube", stats)
+        return sel.kept_cubes(inp.cube_ids)
+    keep = torch.zeros(inp.bsz, inp.hq, inp.nq, c, dtype=torch.bool, device=q.device)
+    for b in range(inp.bsz):
+        if inp.nq:
             keep[b] = select_range(
-                q[b], mean_keys[b], 0, nq, nk - nq, cube_ids[b], index, b, pol, scale, key_mask[b], stats
-            )
+                q[b], inp.mean_keys[b], 0, inp.nq, inp.q_offset, inp.cube_ids[b], inp.index, b, pol,
+                scale, inp.key_mask[b], stats,
+            )  # fmt: skip
+    if stats is not None and stats.record:
+        stats.log_selection(token_selection(keep, inp.cube_ids, inp.key_mask))
     return keep
 
 
@@ -97,22 +81,17 @@ def reference_attention_mask(
     and ``j`` is non-video, or in the query's own cube, or in a kept cube. Padding queries attend
     nothing.
     """
-    index, mean_keys, key_mask = _prepare(q, k, cube_ids, key_mask, mean_keys, index)
-    keep = reference_cube_keep(
-        q,
-        k,
-        cube_ids,
-        p,
-        policy=policy,
-        scale=scale,
-        key_mask=key_mask,
-        mean_keys=mean_keys,
-        index=index,
-        stats=stats,
-        granularity=granularity,
-    )
-    bsz, hq, nq, _ = q.shape
-    nk = k.shape[2]
+    inp = prepare_inputs(
+        q, k, None, cube_ids, p, policy=policy, scale=scale, key_mask=key_mask,
+        mean_keys=mean_keys, index=index, granularity=granularity,
+    )  # fmt: skip
+    return _token_mask(q, inp, _cube_keep(q, inp, stats))
+
+
+def _token_mask(q: torch.Tensor, inp: AttentionInputs, keep: torch.Tensor) -> torch.Tensor:
+    """``[B, Hq, Nq, Nk]`` token mask of the kept cubes ``keep`` ``[B, Hq, Nq, C]``."""
+    cube_ids, key_mask = inp.cube_ids, inp.key_mask
+    bsz, hq, nq, nk = inp.bsz, inp.hq, inp.nq, inp.nk
     dev = q.device
     qpos = torch.arange(nk - nq, nk, device=dev)
     kpos = torch.arange(nk, device=dev)
@@ -154,24 +133,12 @@ def cube_sparse_attention_reference(
     :func:`reference_attention_mask`, in the input dtype (softmax in float32), like an eager
     attention. Rows that attend nothing (padding queries) are zero. ``query_block`` is ignored.
     """
-    check_attention_inputs(q, k, v, cube_ids, key_mask)
-    bsz, hq, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    scale = d**-0.5 if scale is None else scale
-    own_means = mean_keys is None
-    mask = reference_attention_mask(
-        q,
-        k,
-        cube_ids,
-        p,
-        policy=policy,
-        scale=scale,
-        key_mask=key_mask,
-        mean_keys=mean_keys,
-        index=index,
-        stats=stats,
-        granularity=granularity,
-    )
+    inp = prepare_inputs(
+        q, k, v, cube_ids, p, policy=policy, scale=scale, key_mask=key_mask,
+        mean_keys=mean_keys, index=index, granularity=granularity,
+    )  # fmt: skip
+    hq, hkv, nk, scale = inp.hq, inp.hkv, inp.nk, inp.scale
+    mask = _token_mask(q, inp, _cube_keep(q, inp, stats))
     g = hq // hkv
     kr = k.repeat_interleave(g, dim=1)
     vr = v.repeat_interleave(g, dim=1)
@@ -182,12 +149,8 @@ def cube_sparse_attention_reference(
     w = w.masked_fill(~mask.any(-1, keepdim=True), 0.0).to(q.dtype)
     out = torch.matmul(w, vr)
     if stats is not None:
-        km = torch.ones(bsz, nk, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
-        qvalid = km[:, nk - nq :]
-        stats.kv_heads = hkv
-        stats.queries += int(qvalid.sum())
-        stats.causal_pairs += int(causal_valid_pairs(km, nq).sum())
+        inp.count_call(stats)
+        inp.count_mean_keys(stats)
         stats.attended += mask.sum(dim=(0, 2, 3)).double()
-        stats.executed += int(qvalid.sum()) * nk * hq  # the naive kernel scores every key
-        stats.mean_key_tokens += int((cube_ids >= 0).sum()) if own_means else 0
+        stats.executed += int(inp.query_valid.sum()) * nk * hq  # the naive kernel scores every key
     return out

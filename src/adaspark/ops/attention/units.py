@@ -27,7 +27,14 @@ from dataclasses import dataclass
 
 import torch
 
-from adaspark.ops.attention.common import AttentionStats, select_block, select_range
+from adaspark.ops.attention.common import (
+    GRANULARITIES,
+    SELECT_BLOCK,
+    AttentionStats,
+    check_granularity,
+    select_block,
+    select_range,
+)
 from adaspark.ops.cubes import CubeIndex
 from adaspark.ops.selection import SelectionPolicy, entropy, keep_from_probs, masked_softmax
 
@@ -41,19 +48,14 @@ __all__ = [
     "cube_unit_probs_reference",
     "key_classes",
     "select_units",
+    "token_selection",
 ]
-
-GRANULARITIES: tuple[str, ...] = ("token", "cube")
 
 #: video queries scored per matmul when averaging distributions per cube (a fixed blocking, aligned
 #: at the first video query, so that every path that calls :func:`cube_unit_probs` gets the same bits)
 CUBE_SCORE_CHUNK = 1024
-
-
-def check_granularity(granularity: str) -> str:
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    return granularity
+#: queries counted per step by :func:`attended_pairs` (bounds its float64 temporaries)
+PAIR_COUNT_CHUNK = 2048
 
 
 @dataclass
@@ -75,6 +77,19 @@ class Selection:
     @property
     def num_units(self) -> int:
         return int(self.table.shape[2])
+
+    def kept_cubes(self, cube_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, Hq, Nq, C]`` bool kept candidate cubes of every query (own cube excluded), the layout
+        of :func:`~adaspark.ops.attention.reference.reference_cube_keep`; padding queries keep
+        nothing. ``cube_ids`` ``[B, Nk]`` are the call's."""
+        bsz, hq, _u, _ = self.table.shape
+        nq, c = self.unit.shape[1], self.num_cubes
+        keep = self.table[..., :c].gather(2, self.unit[:, None, :, None].expand(bsz, hq, nq, c)).clone()
+        qc = cube_ids[:, cube_ids.shape[1] - nq :]
+        for b in range(bsz):
+            vq = (qc[b] >= 0).nonzero().squeeze(1)
+            keep[b, :, vq, qc[b, vq]] = False
+        return keep
 
 
 def key_classes(cube_ids: torch.Tensor, num_cubes: int) -> torch.Tensor:
@@ -225,7 +240,6 @@ def select_units(
     pad_unit = n_units - 1
     table = torch.zeros(bsz, hq, n_units, c + 1, dtype=torch.bool, device=dev)
     unit = torch.full((bsz, nq), pad_unit, dtype=torch.long, device=dev)
-    ar = torch.arange(nq, device=dev)
     for b in range(bsz):
         qc = cube_ids[b, q_offset:]
         qv = qvalid[b]
@@ -245,10 +259,7 @@ def select_units(
                     key_mask[b],
                     stats,
                 )
-            unit[b] = torch.where(qv, ar, torch.full_like(ar, pad_unit))
-            vq = ((qc >= 0) & qv).nonzero().squeeze(1)
-            table[b, :, vq, qc[vq]] = True
-            table[b, :, :nq, c] = qv
+            _finish_token_rows(table[b], unit[b], qc, qv, c)
             continue
         # cube granularity: one averaged distribution per cube ...
         if c:
@@ -275,16 +286,49 @@ def select_units(
         # text before the first cube has no candidate: nothing to select
         skip = int(((tq + q_offset) < index.first_pos[b].min()).sum()) if c else tq.numel()
         if skip < tq.numel():
-            for s in range(skip, tq.numel(), 64):
-                idx = tq[s : s + 64]
+            for s in range(skip, tq.numel(), SELECT_BLOCK):
+                idx = tq[s : s + SELECT_BLOCK]
                 pos = idx + q_offset
                 keep_t, probs_t, cand_t = select_block(
                     q[b].index_select(1, idx), mean_keys[b], pos, qc[idx], index, b, policy, scale
                 )
                 if stats is not None:
                     stats.add_selection(probs_t, keep_t, cand_t, qv[idx])
-                table[b, :, tu[s : s + 64], :c] = keep_t
-    return Selection(unit=unit, table=table, num_cubes=c, granularity=granularity)
+                table[b, :, tu[s : s + SELECT_BLOCK], :c] = keep_t
+    sel = Selection(unit=unit, table=table, num_cubes=c, granularity=granularity)
+    if stats is not None:
+        stats.log_selection(sel)
+    return sel
+
+
+def _finish_token_rows(table_b, unit_b, qc, qv, c: int) -> None:
+    """Token granularity, one sample: unit ``i`` for valid query ``i`` (the padding unit ``U - 1``
+    otherwise), and rows of valid queries that allow their own cube and the non-video class.
+    ``table_b`` ``[Hq, Nq + 1, C + 1]`` holds the kept cubes in ``[:, :Nq, :C]``; both are edited in place."""
+    nq = qc.shape[0]
+    ar = torch.arange(nq, device=qc.device)
+    unit_b.copy_(torch.where(qv, ar, torch.full_like(ar, table_b.shape[1] - 1)))
+    vq = ((qc >= 0) & qv).nonzero().squeeze(1)
+    table_b[:, vq, qc[vq]] = True
+    table_b[:, :nq, c] = qv
+
+
+@torch.no_grad()
+def token_selection(keep: torch.Tensor, cube_ids: torch.Tensor, key_mask: torch.Tensor) -> Selection:
+    """The :class:`Selection` of per-token kept sets ``keep`` ``[B, Hq, Nq, C]`` (own cube excluded),
+    the same object :func:`select_units` returns at ``granularity="token"`` for that selection.
+
+    For the kernels that select per token with :func:`~adaspark.ops.attention.common.select_range`
+    (``blocked``, ``decode``, the reference) and record their selection.
+    """
+    bsz, hq, nq, c = keep.shape
+    q_offset = cube_ids.shape[1] - nq
+    table = torch.zeros(bsz, hq, nq + 1, c + 1, dtype=torch.bool, device=keep.device)
+    table[:, :, :nq, :c] = keep
+    unit = torch.empty(bsz, nq, dtype=torch.long, device=keep.device)
+    for b in range(bsz):
+        _finish_token_rows(table[b], unit[b], cube_ids[b, q_offset:], key_mask[b, q_offset:], c)
+    return Selection(unit=unit, table=table, num_cubes=c, granularity="token")
 
 
 @torch.no_grad()
@@ -306,9 +350,10 @@ def attended_pairs(sel: Selection, cube_ids: torch.Tensor, key_mask: torch.Tenso
         cum = torch.cumsum(onehot, dim=0, dtype=torch.int32)[q_offset:]  # [Nq, ncls]
         qv = key_mask[b, q_offset:]
         if sel.granularity == "token":
-            for s in range(0, nq, 2048):
-                t = sel.table[b, :, s : min(s + 2048, nq)]
-                w = (cum[s : s + 2048] * qv[s : s + 2048, None]).double()
+            for s in range(0, nq, PAIR_COUNT_CHUNK):
+                e = min(s + PAIR_COUNT_CHUNK, nq)
+                t = sel.table[b, :, s:e]
+                w = (cum[s:e] * qv[s:e, None]).double()
                 out += (t.double() * w[None]).sum(dim=(1, 2))
         else:
             w = torch.zeros(n_units, ncls, dtype=torch.float64, device=cube_ids.device)

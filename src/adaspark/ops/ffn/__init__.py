@@ -8,12 +8,13 @@ import torch
 
 from adaspark.ops.cubes import CubeIndex
 from adaspark.ops.ffn.common import FFNStats, select_ffn_tokens, select_ffn_tokens_reference, token_scores
-from adaspark.ops.ffn.gathered import cube_sparse_ffn_gathered
+from adaspark.ops.ffn.gathered import SUM_CHUNK, cube_sparse_ffn_gathered
 from adaspark.ops.ffn.reference import cube_sparse_ffn_reference
 from adaspark.ops.selection import SelectionPolicy
 
 __all__ = [
     "FFN_BACKENDS",
+    "SUM_CHUNK",
     "FFNStats",
     "cube_sparse_ffn",
     "cube_sparse_ffn_gathered",
@@ -51,6 +52,7 @@ def cube_sparse_ffn(
     backend: str = "auto",
     index: CubeIndex | None = None,
     stats: FFNStats | None = None,
+    ffn_sum_chunk: int = SUM_CHUNK,
 ) -> torch.Tensor:
     """Adaptive token-selective FFN (AdaS-FFN) with mean compensation.
 
@@ -69,6 +71,8 @@ def cube_sparse_ffn(
         mean_compensation: False gives skipped tokens a zero update (ablation).
         backend: ``"auto"``/``"gathered"`` (efficient) or ``"reference"``.
         index: optional precomputed cube index; stats: optional :class:`FFNStats`.
+        ffn_sum_chunk: the gathered path upcasts at most this many FFN output rows to float32 at a
+            time for the cube means (a memory bound; default :data:`SUM_CHUNK`).
 
     Returns:
         ``delta`` ``[B, N, d_out]`` such that the layer output is ``x + delta``.
@@ -80,8 +84,9 @@ def cube_sparse_ffn(
     """
     if isinstance(p, (int, float)) and not isinstance(p, bool) and policy is None and not (0.0 < p <= 1.0):
         raise ValueError(f"p must be in (0, 1], got {p!r}")
-    fn = FFN_BACKENDS[resolve_ffn_backend(backend)]
-    return fn(
+    name = resolve_ffn_backend(backend)
+    kwargs = {"ffn_sum_chunk": ffn_sum_chunk} if name == "gathered" else {}
+    return FFN_BACKENDS[name](
         x,
         f,
         cube_ids,
@@ -91,4 +96,5 @@ def cube_sparse_ffn(
         mean_compensation=mean_compensation,
         index=index,
         stats=stats,
+        **kwargs,
     )

@@ -1,7 +1,7 @@
 """Efficient AdaS-FFN: gather the active tokens, run the FFN on them only, scatter back.
 
 Skipped tokens receive the per-cube mean of the active outputs, accumulated in float32 in chunks of
-:data:`SUM_CHUNK` rows (no float32 copy of the whole output). Every output row is written.
+:data:`SUM_CHUNK` (``ffn_sum_chunk``) rows (no float32 copy of the whole output). Every output row is written.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from adaspark.ops.selection import SelectionPolicy, as_policy
 
 __all__ = ["SUM_CHUNK", "cube_sparse_ffn_gathered"]
 
-#: rows of FFN output upcast to float32 at a time for the per-cube means
+#: rows of FFN output upcast to float32 at a time for the per-cube means (the default of
+#: ``ffn_sum_chunk``: a memory bound, the result does not depend on it)
 SUM_CHUNK = 4096
 
 
@@ -31,9 +32,13 @@ def cube_sparse_ffn_gathered(
     mean_compensation: bool = True,
     index: CubeIndex | None = None,
     stats: FFNStats | None = None,
+    ffn_sum_chunk: int = SUM_CHUNK,
 ) -> torch.Tensor:
-    """Token-selective FFN running ``f`` on ``[M, d]`` active rows only (same signature as the reference)."""
+    """Token-selective FFN running ``f`` on ``[M, d]`` active rows only (same signature as the
+    reference, plus ``ffn_sum_chunk``: FFN output rows upcast to float32 at a time for the cube means)."""
     check_ffn_inputs(x, cube_ids, scores)
+    if isinstance(ffn_sum_chunk, bool) or not isinstance(ffn_sum_chunk, int) or ffn_sum_chunk < 1:
+        raise ValueError(f"ffn_sum_chunk must be an integer >= 1, got {ffn_sum_chunk!r}")
     pol = as_policy(p, policy)
     bsz, n, d = x.shape
     if index is None:
@@ -56,10 +61,10 @@ def cube_sparse_ffn_gathered(
             gid_act = gid[act_idx][is_vid_act]
             sums = torch.zeros(bsz * c, d_out, dtype=torch.float32, device=x.device)
             vid_rows = is_vid_act.nonzero().squeeze(1)
-            # float32 cube sums, upcasting at most SUM_CHUNK rows at a time
-            for lo in range(0, vid_rows.numel(), SUM_CHUNK):
-                rows = vid_rows[lo : lo + SUM_CHUNK]
-                sums.index_add_(0, gid_act[lo : lo + SUM_CHUNK], y_act.index_select(0, rows).float())
+            # float32 cube sums, upcasting at most ffn_sum_chunk rows at a time
+            for lo in range(0, vid_rows.numel(), ffn_sum_chunk):
+                rows = vid_rows[lo : lo + ffn_sum_chunk]
+                sums.index_add_(0, gid_act[lo : lo + ffn_sum_chunk], y_act.index_select(0, rows).float())
             cnt = torch.bincount(gid_act, minlength=bsz * c).clamp_min(1)
             means = (sums / cnt[:, None].to(torch.float32)).to(y_act.dtype)
             delta.index_copy_(0, skip_idx, means.index_select(0, gid[skip_idx]))

@@ -481,3 +481,22 @@ def test_a_foreign_cache_fails_clearly(model, inputs):
             foreign.update(k, k, i)
         with pytest.raises(ValueError, match="that no forward of this patched model filled"):
             model(input_ids=inputs["input_ids"][:, :1], past_key_values=foreign)
+
+
+@torch.inference_mode()
+def test_the_handle_returns_the_selections_the_kernels_used(model, inputs):
+    cfg = AdaSparkConfig(p=0.5, cube=(2, 2, 2), dense_layers=(0,))
+    with patch(model, cfg) as h:
+        model(**inputs)
+        assert all(not v for v in h.selections().values())  # off by default
+        h.record_selections()
+        model(**inputs)
+        got = h.selections()
+        assert got[0] == [] and len(got[1]) == len(got[2]) == 1
+        layout = h.layout
+        sel = got[1][0]
+        kept = sel.kept_cubes(layout.cube_ids)
+        assert kept.dtype == torch.bool and kept.shape[1] == model.config.text_config.num_attention_heads
+        h.record_selections(False)
+        model(**inputs)
+        assert all(not v for v in h.selections().values())

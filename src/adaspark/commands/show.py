@@ -1,9 +1,9 @@
 """``adaspark show``: pictures of what AdaSpark selects on one video.
 
-Runs a checkpoint of a supported family patched with AdaSpark on a video and question, recomputes
-from the very queries, keys and residual streams of that run the cube sets and FFN tokens with the
-library's own selection functions (so the pictures show exactly what AdaSpark did; the per-layer
-means are checked against ``handle.report()`` and both are written to ``show.json``), and renders:
+Runs a checkpoint of a supported family patched with AdaSpark on a video and question, reads the
+cube sets the kernels used in that run (and selects the FFN tokens from its residual streams with
+the library's own function), so the pictures show exactly what AdaSpark did (the per-layer means are
+checked against ``handle.report()`` and both are written to ``show.json``), and renders:
 
 * ``cubes.png`` — sampled frames with the cube distribution of one query (default: the first answer
   token) at one layer and head as a heat map, the kept cubes outlined;

@@ -12,11 +12,11 @@ Nothing here rewrites a model's forward. Two taps observe it:
 
 :func:`analyze_model` turns one dense prefill into the statistics of
 :mod:`adaspark.core.analysis`, layer by layer, so memory stays at one layer's worth.
-:func:`capture_selection` runs the model patched with AdaSpark and recomputes, from the queries and
-keys of that very run, the cube sets and FFN tokens with the library's own selection functions
-(:func:`~adaspark.ops.attention.common.select_block` with the kernels' query blocking,
-:func:`~adaspark.ops.ffn.common.select_ffn_tokens`), so the pictures show exactly what AdaSpark did;
-its per-layer means equal those of ``handle.report()``.
+:func:`capture_selection` runs the model patched with AdaSpark and reads the cube sets the kernels
+used in that very run (``handle.record_selections()``: the kernels return their selection through
+their stats); the FFN tokens are selected from the residual streams of the run with the library's own
+:func:`~adaspark.ops.ffn.common.select_ffn_tokens`. The pictures show exactly what AdaSpark did; the
+per-layer means equal those of ``handle.report()``.
 
 Models are opened with :func:`adaspark.integrations.transformers.loading.load_model` (the one
 loader); every family of the adapter registry works.
@@ -44,8 +44,8 @@ from adaspark.core.layout import Layout
 from adaspark.integrations.transformers import attention as attn_backend
 from adaspark.integrations.transformers import compat
 from adaspark.integrations.transformers.adapters import get_adapter
-from adaspark.ops.attention.common import AttentionStats, select_block
-from adaspark.ops.attention.units import cube_unit_probs, select_units
+from adaspark.ops.attention.common import select_block
+from adaspark.ops.attention.units import cube_unit_probs
 from adaspark.ops.cubes import CubeIndex, build_cube_index, cube_mean_keys
 from adaspark.ops.ffn.common import select_ffn_tokens, token_scores
 
@@ -412,16 +412,18 @@ def capture_selection(
         input_ids=inputs["input_ids"][0].cpu(),
     )
 
+    run: dict = {}
+
     def on_attention(li: int, q, k, key_valid, scale: float) -> None:
         if q.shape[2] != n or k.shape[2] != n or li not in sparse_attn or c == 0:
             return
         dev = q.device
-        mean_keys = cube_mean_keys(k, index)
         km = key_valid if key_valid is not None else torch.ones(1, n, dtype=torch.bool, device=dev)
-        stats = AttentionStats(hq, int(q.shape[-1]), int(k.shape[1]))
-        # the selection every AdaS-Attn path computes (per token or per cube, as configured)
-        sel = select_units(q, mean_keys, cube_ids, km, index, attn_policy, scale, granularity, stats)
-        cap.kept_per_head[li] = (stats.kept_sum / stats.selections.clamp_min(1)).cpu()
+        # the selection the kernel used in this very call (recorded by the patch), not a recomputation
+        log = run["handle"].selections()[li]
+        if not log:
+            return
+        sel = log[-1]
         ids, first, qvalid = cube_ids[0], index.first_pos[0], km[0]
         cids = torch.arange(c, device=dev)
         for s in range(0, n, 256):
@@ -437,6 +439,7 @@ def capture_selection(
         if li != li_query:
             return
         own = int(ids[qpos])
+        mean_keys = cube_mean_keys(k, index)  # the distribution of one query, for its picture
         if granularity == "cube" and own >= 0:
             # a video query shares its cube's selection: the average of its queries' distributions
             probs, ucand, _ = cube_unit_probs(q[0], mean_keys[0], ids, qvalid, 0, first, scale)
@@ -461,7 +464,11 @@ def capture_selection(
             cap.ffn_active[li] = active[0].cpu()
 
     with adaspark.patch(model, config) as handle:
+        handle.record_selections()
+        run["handle"] = handle
         with record_attention(model, on_attention), record_ffn(model, on_ffn):
             _forward(model, inputs)
         cap.report = handle.report()
+    for li in sparse_attn:
+        cap.kept_per_head[li] = torch.tensor(cap.report.layers[li].cubes_kept, dtype=torch.float64)
     return cap

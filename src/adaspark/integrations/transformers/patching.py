@@ -183,7 +183,10 @@ class _State:
     # ---------------------------------------------------------------- counters
     def reset_stats(self) -> None:
         d = self.dims
-        self.attn_stats = {i: AttentionStats(d.heads, d.head_dim, d.kv_heads) for i in range(self.num_layers)}
+        rec = getattr(self, "record_selection", False)
+        self.attn_stats = {
+            i: AttentionStats(d.heads, d.head_dim, d.kv_heads, record=rec) for i in range(self.num_layers)
+        }
         self.ffn_stats = {i: FFNStats() for i in range(self.num_layers)}
         self.rows = dict.fromkeys(range(self.num_layers), 0)
         self.vision_flops = 0.0
@@ -580,9 +583,25 @@ class AdaSparkHandle:
 
     def report(self) -> Report:
         """FLOPs and sparsity of the last forward / generate call."""
+        return self._live().report()
+
+    def record_selections(self, on: bool = True) -> None:
+        """Keep (``on``) the cube selection every sparse attention call uses, from the next call on
+        (memory: one selection table per layer and call)."""
+        st = self._live()
+        st.record_selection = bool(on)
+        for stats in st.attn_stats.values():
+            stats.record = bool(on)
+
+    def selections(self) -> dict[int, list]:
+        """The selections the kernels used in the last call, per layer (with :meth:`record_selections`):
+        :class:`~adaspark.ops.attention.units.Selection` objects, in call order."""
+        return {i: list(s.selections_log) for i, s in self._live().attn_stats.items()}
+
+    def _live(self) -> _State:
         if self._state is None:
             raise RuntimeError("this AdaSpark handle has been removed; patch the model again")
-        return self._state.report()
+        return self._state
 
     def remove(self) -> None:
         """Restore the model exactly (idempotent)."""

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from adaspark.ops.attention.common import AttentionStats
 from adaspark.ops.ffn.common import FFNStats
 
-__all__ = ["LayerDims", "LayerReport", "Report", "layer_flops"]
+__all__ = ["LayerDims", "LayerReport", "Report", "build_report", "layer_flops"]
 
 
 @dataclass(frozen=True)
@@ -177,3 +177,68 @@ def layer_flops(
     sparse_ideal = proj + attn_ideal + select + ffn_sparse + comp
     bd = {"proj": proj, "attn": attn_exec, "select": select, "ffn": ffn_sparse, "compensation": comp}
     return dense, sparse_exec, sparse_ideal, bd
+
+
+def build_report(
+    dims: LayerDims,
+    attn_stats: dict[int, AttentionStats],
+    ffn_stats: dict[int, FFNStats],
+    rows: dict[int, int],
+    *,
+    sparse_layers: set[int],
+    sparse_ffn_layers: set[int],
+    vision_flops: float = 0.0,
+    lm_head_flops: float = 0.0,
+    video_tokens: int = 0,
+    forward_calls: int = 0,
+    decode_steps: int = 0,
+    sparse_decode_steps: int = 0,
+) -> Report:
+    """The :class:`Report` of one call from the counters of every decoder layer.
+
+    ``rows[i]`` token rows went through layer ``i``; ``sparse_layers`` are the layers not kept dense,
+    ``sparse_ffn_layers`` those whose FFN ran AdaS-FFN (their ``ffn_stats`` count). The vision encoder
+    and the LM head, which AdaSpark does not change, are added to the whole-model figures.
+    """
+    layers = []
+    tot_d = tot_s = tot_i = 0.0
+    for i in sorted(attn_stats):
+        st = attn_stats[i]
+        sparse = i in sparse_layers
+        ffn = ffn_stats[i] if i in sparse_ffn_layers else None
+        fd, fs, fi, bd = layer_flops(dims, rows[i], st, ffn, sparse=sparse)
+        tot_d, tot_s, tot_i = tot_d + fd, tot_s + fs, tot_i + fi
+        sel = st.selections.clamp_min(1)
+        layers.append(
+            LayerReport(
+                index=i,
+                dense=not sparse,
+                attn_density=st.density,
+                attn_density_executed=st.executed_density,
+                ffn_active=ffn.active_fraction if ffn is not None else 1.0,
+                entropy=(st.entropy_sum / sel).tolist(),
+                cubes_kept=(st.kept_sum / sel).tolist(),
+                candidates=(st.candidates_sum / sel).tolist(),
+                flops_dense=fd,
+                flops_sparse=fs,
+                flops_sparse_ideal=fi,
+                breakdown=bd,
+            )
+        )
+    extra = vision_flops + lm_head_flops
+    return Report(
+        layers=layers,
+        flops_dense=tot_d + extra,
+        flops_sparse=tot_s + extra,
+        flops_sparse_ideal=tot_i + extra,
+        llm_flops_dense=tot_d,
+        llm_flops_sparse=tot_s,
+        llm_flops_sparse_ideal=tot_i,
+        vision_flops=vision_flops,
+        lm_head_flops=lm_head_flops,
+        tokens=rows[min(rows)] if rows else 0,
+        video_tokens=video_tokens,
+        forward_calls=forward_calls,
+        decode_steps=decode_steps,
+        sparse_decode_steps=sparse_decode_steps,
+    )

@@ -38,7 +38,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from adaspark.config import AdaSparkConfig
-from adaspark.core.accounting import LayerDims, LayerReport, Report, layer_flops
+from adaspark.core.accounting import LayerDims, Report, build_report
 from adaspark.core.layout import VIDEO, Layout
 from adaspark.integrations.transformers import attention as attn_backend
 from adaspark.integrations.transformers import compat
@@ -493,43 +493,15 @@ class _State:
 
     # ---------------------------------------------------------------- report
     def report(self) -> Report:
-        layers = []
-        tot_d = tot_s = tot_i = 0.0
-        for i in range(self.num_layers):
-            st = self.attn_stats[i]
-            sparse = i not in self.dense_layers
-            ffn = self.ffn_stats[i] if self.sparse_ffn_layer(i) else None
-            fd, fs, fi, bd = layer_flops(self.dims, self.rows[i], st, ffn, sparse=sparse)
-            tot_d, tot_s, tot_i = tot_d + fd, tot_s + fs, tot_i + fi
-            sel = st.selections.clamp_min(1)
-            layers.append(
-                LayerReport(
-                    index=i,
-                    dense=not sparse,
-                    attn_density=st.density,
-                    attn_density_executed=st.executed_density,
-                    ffn_active=ffn.active_fraction if ffn is not None else 1.0,
-                    entropy=(st.entropy_sum / sel).tolist(),
-                    cubes_kept=(st.kept_sum / sel).tolist(),
-                    candidates=(st.candidates_sum / sel).tolist(),
-                    flops_dense=fd,
-                    flops_sparse=fs,
-                    flops_sparse_ideal=fi,
-                    breakdown=bd,
-                )
-            )
-        extra = self.vision_flops + self.lm_head_flops
-        return Report(
-            layers=layers,
-            flops_dense=tot_d + extra,
-            flops_sparse=tot_s + extra,
-            flops_sparse_ideal=tot_i + extra,
-            llm_flops_dense=tot_d,
-            llm_flops_sparse=tot_s,
-            llm_flops_sparse_ideal=tot_i,
+        return build_report(
+            self.dims,
+            self.attn_stats,
+            self.ffn_stats,
+            self.rows,
+            sparse_layers={i for i in range(self.num_layers) if i not in self.dense_layers},
+            sparse_ffn_layers={i for i in range(self.num_layers) if self.sparse_ffn_layer(i)},
             vision_flops=self.vision_flops,
             lm_head_flops=self.lm_head_flops,
-            tokens=self.rows[0] if self.num_layers else 0,
             video_tokens=self.layout.num_video_tokens if self.layout is not None else 0,
             forward_calls=self.calls,
             decode_steps=self.decode_steps,

@@ -127,7 +127,7 @@ def test_real_sigkill(tmp_path):
         f"""
         import sys, time
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_bench_evaluate import FakeModel
+        from test_needle_evaluate import FakeModel
         from adaspark.needle.evaluate import Variant, run_eval
         from adaspark.needle import make_split
 

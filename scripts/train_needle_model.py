@@ -50,6 +50,7 @@ from adaspark.core.io import atomic_path, atomic_write_json, atomic_write_text
 from adaspark.needle import TASKS, VOCABULARY, make_item, render_frames
 from adaspark.needle import model as nm
 from adaspark.needle.spec import GENERATOR_VERSION
+from adaspark.needle.training import answer_batch, needle_map
 
 #: video tokens per step, roughly (the batch size of a length is this divided by its tokens)
 TOKENS_PER_STEP = 1024
@@ -157,45 +158,8 @@ def batch_inputs(model, tokenizer, items, settings) -> tuple[dict, torch.Tensor,
         video = nm.preprocess_frames(render_frames(it), it.fps, settings)
         enc = nm.encode_prompt(_loaded(model, tokenizer), video, it.question)
         answer = nm.option_token_ids(tokenizer, it.options)[it.answer]
-        seqs.append((enc, answer, needle_map(it, video, tokenizer, none_id)))
-    n = max(e["input_ids"].shape[1] + len(a) for e, a, _ in seqs)
-    ids = torch.full((len(seqs), n), tokenizer.pad_token_id, dtype=torch.long)
-    types = torch.zeros(len(seqs), n, dtype=torch.long)
-    targets = torch.full((len(seqs), n), -100, dtype=torch.long)
-    labels = torch.full((len(seqs), n, 2), -100, dtype=torch.long)
-    for b, (e, answer, m) in enumerate(seqs):
-        k = e["input_ids"].shape[1]
-        ids[b, :k] = e["input_ids"][0]
-        ids[b, k : k + len(answer)] = torch.tensor(answer)
-        types[b, :k] = e["mm_token_type_ids"][0]
-        targets[b, k - 1 : k - 1 + len(answer)] = torch.tensor(answer)  # position i predicts token i + 1
-        labels[b, :k][types[b, :k] == 2] = m
-    inputs = {
-        "input_ids": ids,
-        "mm_token_type_ids": types,
-        "pixel_values_videos": torch.cat([e["pixel_values_videos"] for e, _, _ in seqs]),
-        "video_grid_thw": torch.cat([e["video_grid_thw"] for e, _, _ in seqs]),
-        "second_per_grid_ts": torch.cat([e["second_per_grid_ts"] for e, _, _ in seqs]),
-    }
-    return inputs, targets, labels
-
-
-def needle_map(item, video, tokenizer, none_id: int) -> torch.Tensor:
-    """``(N, 2)``: label and colour word of the needle every video token of ``item`` shows (both
-    ``none_id`` where it shows none), in the time-major raster order of the LM token grid."""
-    gt, gh, gw = (int(x) for x in video.video_grid_thw[0])
-    m = 2  # spatial merge
-    th, tw = gh // m, gw // m
-    if (th * 28, tw * 28) != (item.height, item.width):
-        raise ValueError("the needle map needs frames at their native size")
-    grid = torch.full((gt, th, tw, 2), none_id, dtype=torch.long)
-    for nd in item.needles:
-        t0, t1 = nd["frame"] // 2, (nd["frame"] + nd["frames"] - 1) // 2
-        r0, r1 = nd["y"] // 28, (nd["y"] + nd["size"] - 1) // 28
-        c0, c1 = nd["x"] // 28, (nd["x"] + nd["size"] - 1) // 28
-        words = [str(nd["label"]), str(nd["color"])]
-        grid[t0 : t1 + 1, r0 : r1 + 1, c0 : c1 + 1] = torch.tensor(tokenizer.convert_tokens_to_ids(words))
-    return grid.reshape(-1, 2)
+        seqs.append((enc, answer, needle_map(it, video, tokenizer.convert_tokens_to_ids, none_id)))
+    return answer_batch(seqs, tokenizer.pad_token_id)
 
 
 def answer_logits(model, inputs: dict, targets: torch.Tensor, labels: torch.Tensor):

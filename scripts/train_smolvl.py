@@ -59,6 +59,7 @@ from adaspark.needle import model as nm
 from adaspark.needle import smolvl as sv
 from adaspark.needle.smollm2 import WHEEL_REQUIREMENT, WHEEL_SHA256, load_smollm2
 from adaspark.needle.spec import GENERATOR_VERSION
+from adaspark.needle.training import answer_batch, needle_map
 
 TOKENS_PER_FRAME = 8  # 112×112 frames: 4×4 LM tokens per 2-frame temporal patch
 
@@ -154,23 +155,6 @@ def first_token(tokenizer, word: str) -> int:
     return tokenizer(word, add_special_tokens=False)["input_ids"][0]
 
 
-def needle_map(item, video, tokenizer, none_id: int) -> torch.Tensor:
-    """``(N, 2)``: first token of the label and colour of the needle each video token shows (or
-    ``none_id``), in the time-major raster order of the LM token grid."""
-    gt, gh, gw = (int(x) for x in video.video_grid_thw[0])
-    th, tw = gh // 2, gw // 2
-    if (th * 28, tw * 28) != (item.height, item.width):
-        raise ValueError("the needle map needs frames at their native size")
-    grid = torch.full((gt, th, tw, 2), none_id, dtype=torch.long)
-    for nd in item.needles:
-        t0, t1 = nd["frame"] // 2, (nd["frame"] + nd["frames"] - 1) // 2
-        r0, r1 = nd["y"] // 28, (nd["y"] + nd["size"] - 1) // 28
-        c0, c1 = nd["x"] // 28, (nd["x"] + nd["size"] - 1) // 28
-        ids = [first_token(tokenizer, str(nd["label"])), first_token(tokenizer, str(nd["color"]))]
-        grid[t0 : t1 + 1, r0 : r1 + 1, c0 : c1 + 1] = torch.tensor(ids)
-    return grid.reshape(-1, 2)
-
-
 def batch_inputs(tokenizer, items, settings):
     """Right-padded prompt + answer batch, answer targets ``(B, N)`` and needle-map labels ``(B, N, 2)``."""
     none_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -179,27 +163,8 @@ def batch_inputs(tokenizer, items, settings):
         video = nm.preprocess_frames(render_frames(it), it.fps, settings)
         enc = sv.encode_prompt(tokenizer, video, it.question, it.options)
         answer = nm.option_token_ids(tokenizer, it.options)[it.answer]
-        seqs.append((enc, answer, needle_map(it, video, tokenizer, none_id)))
-    n = max(e["input_ids"].shape[1] + len(a) for e, a, _ in seqs)
-    ids = torch.full((len(seqs), n), tokenizer.pad_token_id, dtype=torch.long)
-    types = torch.zeros(len(seqs), n, dtype=torch.long)
-    targets = torch.full((len(seqs), n), -100, dtype=torch.long)
-    labels = torch.full((len(seqs), n, 2), -100, dtype=torch.long)
-    for b, (e, answer, m) in enumerate(seqs):
-        k = e["input_ids"].shape[1]
-        ids[b, :k] = e["input_ids"][0]
-        ids[b, k : k + len(answer)] = torch.tensor(answer)
-        types[b, :k] = e["mm_token_type_ids"][0]
-        targets[b, k - 1 : k - 1 + len(answer)] = torch.tensor(answer)
-        labels[b, :k][types[b, :k] == 2] = m
-    inputs = {
-        "input_ids": ids,
-        "mm_token_type_ids": types,
-        "pixel_values_videos": torch.cat([e["pixel_values_videos"] for e, _, _ in seqs]),
-        "video_grid_thw": torch.cat([e["video_grid_thw"] for e, _, _ in seqs]),
-        "second_per_grid_ts": torch.cat([e["second_per_grid_ts"] for e, _, _ in seqs]),
-    }
-    return inputs, targets, labels, none_id
+        seqs.append((enc, answer, needle_map(it, video, lambda w: first_token(tokenizer, w), none_id)))
+    return (*answer_batch(seqs, tokenizer.pad_token_id), none_id)
 
 
 def map_loss_fn(logits, labels) -> torch.Tensor:

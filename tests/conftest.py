@@ -114,3 +114,31 @@ def ask_prefill(argv: list[str]) -> tuple[dict, int, list[tuple[int, int]]]:
         rep = handle.report().to_dict()
     steps = [(n, len(ids) - 1) for ids in option_token_ids(tokenizer, src["options"]) if len(ids) > 1]
     return rep, n, steps
+
+
+_REAL_COST_MODEL = []
+
+
+@pytest.fixture(autouse=True, scope="session")
+def deterministic_costs():
+    """Patched models get a cost model that always chooses sparse (a free kernel, dense at 1 s per
+    pair), so the tests of the sparse semantics do not depend on this machine's timings and none
+    pays for a calibration (session-wide: module-scoped fixtures run models too);
+    ``@pytest.mark.real_costs`` tests get the measured one back (``real_costs`` below)."""
+    from adaspark.core import calibration
+    from adaspark.ops.attention.cost import CostFit, CostModel
+
+    fit = CostFit(dense=1.0, select_fixed=0.0, select=0.0, kernel_fixed=0.0, kernel=1e-12)
+    _REAL_COST_MODEL.append(calibration.cost_model)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(calibration, "cost_model", lambda **kw: CostModel(measure=lambda **k: fit))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def real_costs(request, monkeypatch):
+    if request.node.get_closest_marker("real_costs") is not None:
+        from adaspark.core import calibration
+
+        monkeypatch.setattr(calibration, "cost_model", _REAL_COST_MODEL[0])
+    yield

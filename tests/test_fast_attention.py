@@ -18,6 +18,7 @@ from adaspark.ops.attention import (
 )
 from adaspark.ops.attention.blocks import block_pattern, cube_major_order
 from adaspark.ops.attention.flex import bucket_length, flex_available
+from adaspark.ops.attention.native import cube_sparse_attention_native, native_available
 from adaspark.ops.attention.units import (
     attended_pairs,
     cube_unit_probs,
@@ -32,6 +33,9 @@ GRANS = ["token", "cube"]
 POLS = [SelectionPolicy(p=0.3), SelectionPolicy(p=0.8), SelectionPolicy(kind="top_k", k=2)]
 needs_flex = pytest.mark.skipif(
     not flex_available("cpu"), reason="compiled flex_attention needs a C++ compiler"
+)
+needs_native = pytest.mark.skipif(
+    not native_available("cpu"), reason="the native kernel needs a C++ compiler and ninja"
 )
 # flex compiles once per shape: a few representative cases
 FLEX_CASES = [CASES[1], CASES[3], CASES[4], CASES[5]]
@@ -56,6 +60,42 @@ def test_gather_equals_reference(case, gran, pol, nan_empty):
         torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
 
 
+@needs_native
+@pytest.mark.parametrize("gran", GRANS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("pol", POLS, ids=_pol_id)
+def test_native_equals_reference(case, gran, pol, nan_empty):
+    q, k, v, ids, km = make_case(case)
+    ref = cube_sparse_attention_reference(q, k, v, ids, policy=pol, key_mask=km, granularity=gran)
+    for blk in (16, 64):
+        for nq in sorted({q.shape[2], 1, 5} - {0}):  # prefill, and new tokens after a cache
+            if nq > q.shape[2]:
+                continue
+            qs = q[:, :, q.shape[2] - nq :]
+            want = ref[:, :, ref.shape[2] - nq :]
+            out = cube_sparse_attention_native(
+                qs, k, v, ids, policy=pol, key_mask=km, granularity=gran, query_block=blk
+            )
+            assert nan_empty.poisoned(out), "the native kernel's output allocation escapes the NaN poison"
+            assert not torch.isnan(out).any()
+            torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-5)
+
+
+@needs_native
+def test_native_stacks_gqa_heads_for_few_queries_and_equals_per_head(monkeypatch):
+    """Decoding stacks a GQA group's heads into one task; per-head tasks give the same result."""
+    import adaspark.ops.attention.native as native
+
+    q, k, v, ids, km = make_case(CASES[3], seed=2)
+    qs = q[:, :, -2:]
+    ref = cube_sparse_attention_reference(qs, k, v, ids, 0.5, key_mask=km)
+    stacked = cube_sparse_attention_native(qs, k, v, ids, 0.5, key_mask=km)
+    monkeypatch.setattr(native, "STACK_MAX_ROWS", 0)
+    per_head = cube_sparse_attention_native(qs, k, v, ids, 0.5, key_mask=km)
+    torch.testing.assert_close(stacked, ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(per_head, ref, atol=2e-6, rtol=1e-5)
+
+
 @needs_flex
 @pytest.mark.parametrize("gran", GRANS)
 @pytest.mark.parametrize("case", FLEX_CASES, ids=[c[0] for c in FLEX_CASES])
@@ -70,7 +110,10 @@ def test_flex_equals_reference(case, gran):
         torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["gather", pytest.param("flex", marks=needs_flex), "auto"])
+@pytest.mark.parametrize(
+    "backend",
+    ["gather", pytest.param("flex", marks=needs_flex), pytest.param("native", marks=needs_native), "auto"],
+)
 def test_p1_is_dense_on_every_path(backend):
     q, k, v, ids, km = make_case(CASES[4])
     dense = cube_sparse_attention_reference(q, k, v, ids, 1.0, key_mask=km)
@@ -154,7 +197,9 @@ def test_cube_major_order_makes_cubes_contiguous():
     assert perm.tolist() == [0, 1, 2, 5, 6, 3, 4, 7, 8, 9, 10, 12, 11, 13, 14]
 
 
-@pytest.mark.parametrize("backend", ["gather", pytest.param("flex", marks=needs_flex)])
+@pytest.mark.parametrize(
+    "backend", ["gather", pytest.param("flex", marks=needs_flex), pytest.param("native", marks=needs_native)]
+)
 @pytest.mark.parametrize("gran", GRANS)
 def test_stats_equal_brute_force(backend, gran):
     q, k, v, ids, km = make_case(CASES[4])
@@ -173,7 +218,9 @@ def test_stats_equal_brute_force(backend, gran):
 
 
 @pytest.mark.parametrize("case", [CASES[3], CASES[5]], ids=["gqa", "two_videos_text"])
-@pytest.mark.parametrize("backend", ["gather", pytest.param("flex", marks=needs_flex)])
+@pytest.mark.parametrize(
+    "backend", ["gather", pytest.param("flex", marks=needs_flex), pytest.param("native", marks=needs_native)]
+)
 def test_bf16_error_within_twice_pytorch(case, backend):
     q, k, v, ids, km = make_case(case, dtype=torch.bfloat16, seed=3)
     for gran in GRANS:
@@ -233,8 +280,18 @@ def test_decode_refuses_video_queries_at_cube_granularity():
         )
 
 
-def test_backend_resolution_and_errors():
+def test_backend_resolution_and_errors(monkeypatch):
+    import adaspark.ops.attention as attn
+
     cpu = torch.device("cpu")
+    if native_available(cpu):
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            assert resolve_attention_backend("auto", cpu, dt, num_tokens=100) == "native"
+        f32 = torch.float32
+        assert resolve_attention_backend("auto", cpu, f32, prefill=False, granularity="cube") == "native"
+        # no gradients through the C++ kernel
+        assert resolve_attention_backend("auto", cpu, f32, num_tokens=100, needs_grad=True) == "gather"
+    monkeypatch.setattr(attn, "native_available", lambda dev: False)
     assert resolve_attention_backend("auto", cpu, torch.float16) == "gather"
     assert resolve_attention_backend("auto", cpu, torch.float32, num_tokens=100) == "gather"
     assert resolve_attention_backend("auto", cpu, torch.float32, prefill=False) == "decode"
@@ -277,6 +334,7 @@ def test_dense_fallback_runs_dense_attention_when_the_blocks_do_not_pay(backend,
     import adaspark.ops.attention as attn
 
     monkeypatch.setattr(attn, "flex_available", lambda dev: False)  # auto -> gather, no compile
+    monkeypatch.setattr(attn, "native_available", lambda dev: False)
     # decide the fallback on this short input too
     cube_sparse_attention = functools.partial(attn.cube_sparse_attention, flex_min_tokens=1)
     q, k, v, ids, km = make_case(CASES[4])
@@ -328,8 +386,8 @@ def _p1_params():
     out = []
     for case in CASES:
         n = case[4]
-        for backend in ("reference", "blocked", "decode", "gather", "flex"):
-            marks = [needs_flex] if backend == "flex" else []
+        for backend in ("reference", "blocked", "decode", "gather", "flex", "native"):
+            marks = {"flex": [needs_flex], "native": [needs_native]}.get(backend, [])
             for nq in (n,) if backend == "flex" else sorted({n, 1}):
                 text_only = not _has_video_query(case, nq)
                 grans = [g for g in GRANS if g in BACKEND_GRANULARITIES[backend] or text_only]
@@ -355,7 +413,7 @@ def test_p1_equals_dense_through_the_kernel(case, backend, gran, nq, nan_empty, 
 
     monkeypatch.setattr(attn, "dense_causal_attention", no_dense)
     st = AttentionStats(q.shape[1], q.shape[3])
-    kw = {"query_block": 32} if backend in ("gather", "flex") else {}
+    kw = {"query_block": 32} if backend in ("gather", "flex", "native") else {}
     out = cube_sparse_attention(
         q, k, v, ids, 1.0, key_mask=km, backend=backend, granularity=gran, stats=st, **kw
     )
@@ -381,7 +439,11 @@ def test_auto_takes_the_dense_short_cut_at_p1_only(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "backend", [pytest.param(b, marks=needs_flex) if b == "flex" else b for b in sorted(ATTENTION_BACKENDS)]
+    "backend",
+    [
+        pytest.param(b, marks={"flex": [needs_flex], "native": [needs_native]}.get(b, []))
+        for b in sorted(ATTENTION_BACKENDS)
+    ],
 )
 @pytest.mark.parametrize("gran", GRANS)
 def test_granularity_table_is_what_the_kernels_do(backend, gran):
@@ -405,6 +467,7 @@ def test_flex_min_tokens_decides_autos_backend(monkeypatch):
     n = q.shape[2]
     cpu = torch.device("cpu")
     monkeypatch.setattr(attn, "flex_available", lambda dev: True)
+    monkeypatch.setattr(attn, "native_available", lambda dev: False)
     assert resolve_attention_backend("auto", cpu, torch.float32, num_tokens=n) == "gather"
     assert resolve_attention_backend("auto", cpu, torch.float32, num_tokens=n, flex_min_tokens=n) == "flex"
     calls = []
@@ -434,9 +497,13 @@ def test_flex_min_tokens_decides_where_dense_fallback_starts():
     ("backend", "knob", "nq"),
     [("decode", "decode_gather_fraction", 3), ("blocked", "blocked_dense_fraction", 3)],
 )
-def test_in_place_or_gathered_is_decided_by_the_threshold(backend, knob, nq):
+def test_in_place_or_gathered_is_decided_by_the_threshold(backend, knob, nq, monkeypatch):
     """0 reads the causal prefix in place (every key scored), 1 gathers the kept keys (fewer scored):
-    same output, different work, visible in ``stats.executed``."""
+    same output, different work, visible in ``stats.executed`` (the torch path of ``decode``: the
+    native row kernel reads only the kept rows either way)."""
+    import adaspark.ops.attention.decode as decode_mod
+
+    monkeypatch.setattr(decode_mod, "native_available", lambda dev: False)
     q, k, v, ids, km = make_case(CASES[5], seed=2)
     q = q[:, :, -nq:]  # new tokens after a cache
     executed, outs = {}, {}

@@ -20,7 +20,7 @@ from adaspark.integrations.transformers.tiny import build_inputs, tiny_qwen2_5_v
 
 CUBE = (2, 2, 2)
 #: p = 1 through a sparse kernel (not auto's dense short cut)
-P1 = AdaSparkConfig(p=1.0, cube=CUBE, backend="gather", dense_fallback=None)
+P1 = AdaSparkConfig(p=1.0, cube=CUBE, backend="gather", dense_fallback=None, cost_model=False)
 SPARSE = AdaSparkConfig(p=0.5, cube=CUBE)
 #: one video of 4 × 8 × 8 patches (64 LM tokens at positions 6..69) in a 78-token prompt
 GRIDS = [[(4, 8, 8)]]

@@ -37,8 +37,8 @@ def _valid(inputs):
 P1_BACKENDS = [
     AdaSparkConfig(p=1.0),
     AdaSparkConfig(p=1.0, backend="reference"),
-    AdaSparkConfig(p=1.0, backend="gather", dense_fallback=None),
-    AdaSparkConfig(p=1.0, backend="flex", dense_fallback=None),
+    AdaSparkConfig(p=1.0, backend="gather", dense_fallback=None, cost_model=False),
+    AdaSparkConfig(p=1.0, backend="flex", dense_fallback=None, cost_model=False),
     AdaSparkConfig(p=1.0, backend="blocked", granularity="token"),
     AdaSparkConfig(p=1.0, backend="reference", granularity="token"),
 ]
@@ -189,7 +189,7 @@ def test_decoding_selects_like_a_full_prefill(model):
 @torch.inference_mode()
 def test_report_equals_brute_force_counts(model, inputs, monkeypatch):
     """Per-layer density and FLOPs equal counts made from the reference masks of the same inputs."""
-    cfg = AdaSparkConfig(p=0.6, cube=(2, 2, 2), dense_fallback=None)
+    cfg = AdaSparkConfig(p=0.6, cube=(2, 2, 2), dense_fallback=None, cost_model=False)
     seen_attn, seen_ffn = [], []
     real_attn, real_ffn = q2.cube_sparse_attention, q2.cube_sparse_ffn
 

@@ -24,7 +24,7 @@ from adaspark.ops.ffn import SUM_CHUNK
 from adaspark.ops.selection import SelectionPolicy
 
 Policy = Literal["top_p", "top_k", "ratio"]
-Backend = Literal["auto", "reference", "blocked", "decode", "gather", "flex"]
+Backend = Literal["auto", "reference", "blocked", "decode", "gather", "flex", "native"]
 Granularity = Literal["token", "cube"]
 
 POLICIES: tuple[str, ...] = ("top_p", "top_k", "ratio")
@@ -93,25 +93,31 @@ class AdaSparkConfig:
             (per-token selection, gathers the kept keys per query block), ``"decode"`` (a few new
             tokens after a cache read only the kept cubes' K/V; per-token selection),
             ``"gather"`` (cube-major blocks, kept key blocks gathered per GQA group), ``"flex"``
-            (compiled ``flex_attention`` with a block mask from the selection; prefill) or
-            ``"auto"`` (picks the efficient path for the device, dtype and call: flex for prefill
-            on CUDA and CPU when it can compile, gather otherwise, decode for new tokens, dense SDPA
-            when the policy keeps everything). ``blocked`` and ``decode`` select per token, so they
-            need ``granularity="token"`` (the pair is checked here, naming both fields).
-        dense_fallback: When the block kernels (``gather``/``flex``, chosen by ``backend="auto"`` or
-            by name) would compute more than this fraction of a layer's causal (query, key) pairs,
-            the layer runs dense attention instead: the sparse kernel would not pay (measured on
-            CPU: flex runs at ~0.5× SDPA's speed per computed pair). The output is then dense
-            attention (a superset of AdaS-Attn's keys) and is reported as such. Applies to
-            prefills of at least ``flex_min_tokens`` (4096) tokens (shorter ones always run the exact
-            sparse path).
-            ``None`` keeps the exact AdaS-Attn semantics always.
+            (compiled ``flex_attention`` with a block mask from the selection; prefill),
+            ``"native"`` (the C++ block-sparse kernel for the CPU, built on first use; no
+            gradients) or ``"auto"`` (picks the efficient path for the device, dtype and call:
+            native on CPU when it builds and no gradient is needed, flex for long prefills on CUDA,
+            gather otherwise, decode for new tokens, dense SDPA when the policy keeps everything).
+            ``blocked`` and ``decode`` select per token, so they need ``granularity="token"`` (the
+            pair is checked here, naming both fields).
+        cost_model: Decide per layer and call whether sparse attention pays, from a cost model of
+            this machine (:mod:`adaspark.ops.attention.cost`: dense SDPA, the selection and the
+            block kernel timed once per machine, dtype and head shape, cached in
+            ``$ADASPARK_CACHE/attention_costs.json``): a prefill runs dense attention where the
+            selection alone would cost more than it could save, or where the kept blocks would not
+            beat dense. Such calls are dense attention (a superset of AdaS-Attn's keys), reported
+            as such (``LayerReport.attn_dense_calls``). ``False``: the ``dense_fallback`` rule.
+        dense_fallback: With ``cost_model=False``: when the block kernels would compute more than
+            this fraction of a layer's causal (query, key) pairs, the layer runs dense attention
+            instead (prefills of at least ``flex_min_tokens`` tokens). ``None`` (with
+            ``cost_model=False``) keeps the exact AdaS-Attn semantics always.
         query_block: Block size (tokens) of the attention path; ``None`` = the path's default
             (128 for blocked, 64 for gather and flex).
-        flex_min_tokens: ``backend="auto"`` compiles flex_attention for prefills of at least this
-            many tokens (below, the compile time is not paid back; gather runs instead), and
-            ``dense_fallback`` is decided from this many tokens on. Integer ``>= 0``; default
-            :data:`adaspark.ops.attention.FLEX_MIN_TOKENS` (4096).
+        flex_min_tokens: ``backend="auto"`` compiles flex_attention (CUDA; CPU without the native
+            kernel) for prefills of at least this many tokens (below, the compile time is not paid
+            back; gather runs instead), and the fixed ``dense_fallback`` rule is decided from this
+            many tokens on. Integer ``>= 0``; default :data:`adaspark.ops.attention.FLEX_MIN_TOKENS`
+            (4096).
         decode_gather_fraction: The ``decode`` backend gathers the kept K/V when they are at most
             this fraction of the causal prefix and attends the prefix in place (masked) above it.
             In ``[0, 1]``; default :data:`adaspark.ops.attention.decode.GATHER_FRACTION` (0.35).
@@ -145,7 +151,8 @@ class AdaSparkConfig:
     images_as_video: bool = False
     granularity: Granularity = "cube"
     backend: Backend = "auto"
-    dense_fallback: float | None = 0.5
+    cost_model: bool = True
+    dense_fallback: float | None = None
     query_block: int | None = None
     flex_min_tokens: int = FLEX_MIN_TOKENS
     decode_gather_fraction: float = GATHER_FRACTION
@@ -191,7 +198,7 @@ class AdaSparkConfig:
             raise ValueError(
                 f"AdaSparkConfig.max_cubes ({self.max_cubes}) must be >= min_cubes ({self.min_cubes})"
             )
-        for name in ("sparse_attn", "sparse_ffn", "mean_compensation", "images_as_video"):
+        for name in ("sparse_attn", "sparse_ffn", "mean_compensation", "images_as_video", "cost_model"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"AdaSparkConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.backend not in BACKENDS:
@@ -210,6 +217,11 @@ class AdaSparkConfig:
                 f"granularity={self.granularity!r}"
             )
         _check_fraction("dense_fallback", self.dense_fallback, allow_none=True)
+        if self.cost_model and self.dense_fallback is not None:
+            raise ValueError(
+                f"AdaSparkConfig.dense_fallback={self.dense_fallback!r} is the fixed rule of "
+                "cost_model=False; with cost_model=True the measured cost model decides: set one"
+            )
         if self.query_block is not None and (not _is_int(self.query_block) or self.query_block < 1):
             raise ValueError(
                 f"AdaSparkConfig.query_block must be None or an integer >= 1, got {self.query_block!r}"

@@ -49,6 +49,9 @@ class LayerReport:
         entropy: per query head, mean entropy (nats) of the cube distributions.
         cubes_kept: per query head, mean number of candidate cubes kept.
         candidates: per query head, mean number of candidate cubes.
+        attn_sparse_calls: attention calls that ran a sparse kernel.
+        attn_dense_calls: attention calls run dense because sparse would not pay (the cost model's
+            decision, or the fixed ``dense_fallback`` rule).
         flops_dense / flops_sparse / flops_sparse_ideal: FLOPs of this layer.
         breakdown: sparse (executed) FLOPs by component.
     """
@@ -65,6 +68,8 @@ class LayerReport:
     flops_sparse: float
     flops_sparse_ideal: float
     breakdown: dict = field(default_factory=dict)
+    attn_sparse_calls: int = 0
+    attn_dense_calls: int = 0
 
 
 @dataclass
@@ -116,6 +121,11 @@ class Report:
         return sum(lr.attn_density for lr in self.layers) / len(self.layers) if self.layers else 1.0
 
     @property
+    def sparse_attention_layers(self) -> list[int]:
+        """Indices of the layers whose attention ran a sparse kernel in at least one call."""
+        return [lr.index for lr in self.layers if lr.attn_sparse_calls > 0]
+
+    @property
     def ffn_active(self) -> float:
         """Mean FFN active fraction over the layers."""
         return sum(lr.ffn_active for lr in self.layers) / len(self.layers) if self.layers else 1.0
@@ -138,6 +148,12 @@ class Report:
             f"FLOPs dense {self.flops_dense:.3e}  AdaSpark {self.flops_sparse:.3e}  saved {self.saved:.1%} "
             f"(ideal {self.saved_ideal:.1%}; decoder only {self.llm_saved:.1%})",
         ]
+        fallbacks = sum(lr.attn_dense_calls for lr in self.layers)
+        if self.layers:
+            lines.append(
+                f"attention sparse in {len(self.sparse_attention_layers)} of {len(self.layers)} layers"
+                + (f" ({fallbacks} layer calls ran dense: sparse would not pay)" if fallbacks else "")
+            )
         return "\n".join(lines)
 
 
@@ -223,6 +239,8 @@ def build_report(
                 flops_sparse=fs,
                 flops_sparse_ideal=fi,
                 breakdown=bd,
+                attn_sparse_calls=st.sparse_calls if sparse else 0,
+                attn_dense_calls=st.dense_fallbacks if sparse else 0,
             )
         )
     extra = vision_flops + lm_head_flops

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from adaspark.core.calibration import cache_dir
+
 __all__ = [
     "FETCH_COMMAND",
     "GGUF_MEMBER",
@@ -61,12 +63,6 @@ _FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_confi
 
 class SmolLMUnavailableError(RuntimeError):
     """The converted SmolLM2 weights are not in the cache and could not be fetched."""
-
-
-def cache_dir() -> Path:
-    """``$ADASPARK_CACHE`` if set, else ``~/.cache/adaspark``."""
-    env = os.environ.get("ADASPARK_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "adaspark"
 
 
 def lm_dir() -> Path:

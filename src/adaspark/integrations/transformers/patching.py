@@ -38,6 +38,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from adaspark.config import AdaSparkConfig
+from adaspark.core import calibration
 from adaspark.core.accounting import LayerDims, Report, build_report
 from adaspark.core.layout import VIDEO, Layout
 from adaspark.integrations.transformers import attention as attn_backend
@@ -166,6 +167,8 @@ class _State:
         self.dense_layers = {i for i in range(n_layers) if config.is_dense_layer(i, n_layers)}
         self.attn_policy = config.attn_policy()
         self.ffn_policy = config.ffn_policy()
+        #: dense-or-sparse decisions per layer from this machine's measured costs (config.cost_model)
+        self.cost_model = calibration.cost_model() if config.cost_model else None
         self.prompt: _Prompt | None = None
         #: KV cache -> the sequence it holds
         self.caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -377,7 +380,9 @@ class _State:
             )
         if nk >= seq.video_end:
             mk = seq.mean_keys.get(li)
-            if mk is None:
+            if mk is None and self.cost_model is not None and nq == nk:
+                pass  # a prefill the cost model may run dense: the kernel averages the keys if it selects
+            elif mk is None:
                 with torch.no_grad():
                     mk = cube_mean_keys(k, seq.index)
                 seq.mean_keys[li] = mk
@@ -391,9 +396,11 @@ class _State:
         if fwd.offset and not fwd.ran_sparse:
             self.sparse_decode_steps += 1
         fwd.ran_sparse = True
-        return self._sparse(q, k, v, cube_ids, key_valid, scaling, st, mk, index, want_weights)
+        return self._sparse(q, k, v, cube_ids, key_valid, scaling, st, mk, index, want_weights, site=li)
 
-    def _sparse(self, q, k, v, cube_ids, key_valid, scaling, st, mk=None, index=None, want_weights=False):
+    def _sparse(
+        self, q, k, v, cube_ids, key_valid, scaling, st, mk=None, index=None, want_weights=False, site=None
+    ):
         cfg = self.config
         if want_weights:
             # inspection: the reference path, and the probabilities of what it attended
@@ -425,6 +432,8 @@ class _State:
             query_block=cfg.query_block,
             granularity=cfg.granularity,
             dense_fallback=cfg.dense_fallback,
+            cost_model=self.cost_model,
+            cost_site=site,
             flex_min_tokens=cfg.flex_min_tokens,
             decode_gather_fraction=cfg.decode_gather_fraction,
             blocked_dense_fraction=cfg.blocked_dense_fraction,

@@ -33,14 +33,22 @@ from adaspark.ops.attention.common import (
     SELECT_BLOCK,
     AttentionInputs,
     AttentionStats,
+    causal_valid_pairs,
     check_attention_inputs,
     check_granularity,
     prepare_inputs,
 )
+from adaspark.ops.attention.cost import CostFit, CostModel
 from adaspark.ops.attention.decode import DECODE_MAX_QUERIES, GATHER_FRACTION, cube_sparse_attention_decode
 from adaspark.ops.attention.dense import dense_causal_attention
 from adaspark.ops.attention.flex import FLEX_BLOCK, cube_sparse_attention_flex, flex_available, flex_kernel
 from adaspark.ops.attention.gather import GATHER_BLOCK, cube_sparse_attention_gather, gather_kernel
+from adaspark.ops.attention.native import (
+    NATIVE_BLOCK,
+    cube_sparse_attention_native,
+    native_available,
+    native_kernel,
+)
 from adaspark.ops.attention.reference import (
     cube_sparse_attention_reference,
     reference_attention_mask,
@@ -61,6 +69,8 @@ __all__ = [
     "AttentionInputs",
     "AttentionStats",
     "BlockPlan",
+    "CostFit",
+    "CostModel",
     "cube_sparse_attention",
     "cube_sparse_attention_blocked",
     "cube_sparse_attention_decode",
@@ -86,12 +96,13 @@ ATTENTION_BACKENDS = {
     "decode": cube_sparse_attention_decode,
     "gather": cube_sparse_attention_gather,
     "flex": cube_sparse_attention_flex,
+    "native": cube_sparse_attention_native,
 }
 
 #: the kernels of the block backends, for :func:`~adaspark.ops.attention.blocks.run_blocks`
-BLOCK_KERNELS = {"gather": gather_kernel, "flex": flex_kernel}
+BLOCK_KERNELS = {"gather": gather_kernel, "flex": flex_kernel, "native": native_kernel}
 #: the default block size of each block backend
-_BLOCK_SIZES = {"gather": GATHER_BLOCK, "flex": FLEX_BLOCK}
+_BLOCK_SIZES = {"gather": GATHER_BLOCK, "flex": FLEX_BLOCK, "native": NATIVE_BLOCK}
 
 #: the selection granularities each backend implements for video queries. ``blocked`` and
 #: ``decode`` select per token; they accept ``granularity="cube"`` only for calls without video
@@ -103,6 +114,7 @@ BACKEND_GRANULARITIES: dict[str, tuple[str, ...]] = {
     "decode": ("token",),
     "gather": GRANULARITIES,
     "flex": GRANULARITIES,
+    "native": GRANULARITIES,
 }
 
 
@@ -117,11 +129,14 @@ def resolve_attention_backend(
     num_tokens: int = FLEX_MIN_TOKENS,
     num_queries: int = 1,
     flex_min_tokens: int = FLEX_MIN_TOKENS,
+    needs_grad: bool = False,
 ) -> str:
     """The concrete backend ``"auto"`` stands for on this device/dtype and call shape.
 
-    Flex is chosen only from ``flex_min_tokens`` (:data:`FLEX_MIN_TOKENS`) tokens on: below that, its
-    compile time (seconds per new shape) is not paid back.
+    On CPU, ``native`` (the C++ kernel) for prefill and for chunks with video queries whenever it
+    can be built and no gradient is needed; otherwise flex (CUDA, or CPU with a compiler) from
+    ``flex_min_tokens`` (:data:`FLEX_MIN_TOKENS`) tokens on — below that, its compile time (seconds
+    per new shape) is not paid back — and gather below.
     """
     if backend != "auto":
         if backend not in ATTENTION_BACKENDS:
@@ -129,12 +144,15 @@ def resolve_attention_backend(
                 f"unknown attention backend {backend!r}; choose from 'auto', {sorted(ATTENTION_BACKENDS)}"
             )
         return backend
+    dev = torch.device(device)
+    native = dev.type == "cpu" and not needs_grad and native_available(dev)
     if not prefill:
         # new tokens after a cache: per-token selection, only the kept cubes' K/V are read
         if granularity == "cube" and video_queries:
-            return "gather"
+            return "native" if native else "gather"
         return "decode" if num_queries <= DECODE_MAX_QUERIES else "blocked"
-    dev = torch.device(device)
+    if native:
+        return "native"
     cpu_ok = dev.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
     if (dev.type == "cuda" or cpu_ok) and num_tokens >= flex_min_tokens and flex_available(dev):
         return "flex"
@@ -161,6 +179,8 @@ def cube_sparse_attention(
     flex_min_tokens: int = FLEX_MIN_TOKENS,
     decode_gather_fraction: float = GATHER_FRACTION,
     blocked_dense_fraction: float = DENSE_BLOCK_FRACTION,
+    cost_model: CostModel | None = None,
+    cost_site=None,
 ) -> torch.Tensor:
     """Adaptive cube-selective causal attention (AdaS-Attn).
 
@@ -231,6 +251,7 @@ def cube_sparse_attention(
         num_tokens=nk,
         num_queries=nq,
         flex_min_tokens=flex_min_tokens,
+        needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
     )
     pol = as_policy(p, policy)
     # the dense short cut is auto's alone: a named backend must run its kernel (tests force it)
@@ -242,6 +263,12 @@ def cube_sparse_attention(
             f"the 'flex' backend runs prefill only (Nq == Nk), got Nq={nq}, Nk={nk}: new tokens after a "
             "cache need another backend ('auto' picks 'decode' or 'gather' for them)"
         )
+    if cost_model is not None and name in BLOCK_KERNELS and nq == nk:
+        return _cost_decided(
+            q, k, v, cube_ids, p, name, cost_model, cost_site,
+            policy=policy, scale=scale, key_mask=key_mask, mean_keys=mean_keys, index=index,
+            granularity=granularity, stats=stats, block=query_block or _BLOCK_SIZES[name],
+        )  # fmt: skip
     if dense_fallback is not None and name in BLOCK_KERNELS and nk >= flex_min_tokens:
         if not (0.0 < dense_fallback <= 1.0):
             raise ValueError(f"dense_fallback must be None or in (0, 1], got {dense_fallback!r}")
@@ -275,3 +302,26 @@ def cube_sparse_attention(
         granularity=granularity,
         **kwargs,
     )
+
+
+def _cost_decided(q, k, v, cube_ids, p, name, cost_model, site, *, stats, block, **kw) -> torch.Tensor:
+    """A prefill through block kernel ``name``, or dense where ``cost_model`` says sparse would not pay."""
+    inputs = prepare_inputs(q, k, v, cube_ids, p, **kw)
+    key = CostModel.key(
+        hq=inputs.hq, hkv=inputs.hkv, d=inputs.d, dtype=q.dtype, device=q.device,
+        granularity=inputs.granularity, kernel=name,
+    )  # fmt: skip
+    pairs = float(causal_valid_pairs(inputs.key_mask, inputs.nq).sum())  # over the batch, per head
+    cubes = max(inputs.index.max_cubes, 1)
+    shape = {"hq": inputs.hq, "d": inputs.d}
+    dense = {"scale": inputs.scale, "key_mask": kw.get("key_mask"), "stats": stats}
+    if cost_model.before(key, pairs=pairs, nq=inputs.bsz * inputs.nq, cubes=cubes, site=site, **shape):
+        if stats is not None:
+            stats.dense_fallbacks += 1
+        return dense_causal_attention(q, k, v, **dense)
+    plan = plan_blocks(q, inputs, block=block, stats=stats)
+    if cost_model.after(key, pairs=pairs, executed=plan.executed, site=site, **shape):
+        if stats is not None:
+            stats.dense_fallbacks += 1
+        return dense_causal_attention(q, k, v, **dense)
+    return run_blocks(q, k, v, plan, kernel=BLOCK_KERNELS[name], stats=stats)

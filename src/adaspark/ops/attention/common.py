@@ -45,8 +45,9 @@ class AttentionStats:
         candidates_sum: ``[Hq]`` sum of the number of candidate cubes.
         mean_key_tokens: key tokens averaged into cube mean keys (per kv head).
         kv_heads: ``Hkv``.
-        dense_fallbacks: calls that ran dense attention because the kept blocks were too many to pay
-            (``dense_fallback`` of :func:`adaspark.ops.cube_sparse_attention`).
+        dense_fallbacks: calls that ran dense attention because sparse would not pay (the cost
+            model or ``dense_fallback`` of :func:`adaspark.ops.cube_sparse_attention`).
+        sparse_calls: calls that ran a sparse kernel.
         record: opt-in: keep the selection of every call in ``selections_log`` (costs memory:
             a ``[B, Hq, U, C + 1]`` bool table per call).
         selections_log: with ``record``, one :class:`~adaspark.ops.attention.units.Selection` per
@@ -65,6 +66,7 @@ class AttentionStats:
     executed: int = 0
     mean_key_tokens: int = 0
     dense_fallbacks: int = 0
+    sparse_calls: int = 0
     attended: torch.Tensor = field(default=None)  # type: ignore[assignment]
     selections: torch.Tensor = field(default=None)  # type: ignore[assignment]
     entropy_sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
@@ -91,6 +93,7 @@ class AttentionStats:
         if selection_only:
             return
         self.kv_heads = other.kv_heads or self.kv_heads
+        self.sparse_calls += other.sparse_calls
         self.queries += other.queries
         self.causal_pairs += other.causal_pairs
         self.executed += other.executed
@@ -211,6 +214,7 @@ class AttentionInputs:
         if stats is None:
             return
         stats.kv_heads = self.hkv
+        stats.sparse_calls += 1
         stats.queries += int(self.query_valid.sum())
         stats.causal_pairs += int(causal_valid_pairs(self.key_mask, self.nq).sum())
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from adaspark.ops.attention.common import AttentionStats, check_fraction, prepare_inputs, select_range
+from adaspark.ops.attention.native import native_available
 from adaspark.ops.attention.units import token_selection
 from adaspark.ops.cubes import CubeIndex
 from adaspark.ops.selection import SelectionPolicy
@@ -74,6 +75,13 @@ def cube_sparse_attention_decode(
     c = index.max_cubes
     neg = float("-inf")
     out = torch.empty_like(q)  # every row is written below (the NaN-poison tests check it)
+    # the C++ row kernel reads the kept K/V rows in place (no copy, no mask): CPU, no gradients
+    native = (
+        q.device.type == "cpu"
+        and k.dtype in (torch.float32, torch.bfloat16)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+        and native_available(q.device)
+    )
     kpos = torch.arange(nk, device=q.device)
     qpos = kpos[q_offset:]
     executed = 0
@@ -102,6 +110,25 @@ def cube_sparse_attention_decode(
         m = int(cnt.max())
         if m == 0:  # no valid query in this sample (all padding)
             out[b] = 0
+            continue
+        if native:
+            order = torch.argsort(ok.to(torch.int8), dim=1, descending=True, stable=True)[:, :m]
+            slot_ok = torch.arange(m, device=q.device)[None] < cnt[:, None]
+            rows = torch.where(slot_ok, order, torch.full_like(order, -1))
+            o = torch.ops.adaspark.rows_attention(
+                q[b : b + 1].float().contiguous(), k[b : b + 1], v[b : b + 1], rows[None],
+                table[None].to(torch.uint8), kcls[None], km[b][None].to(torch.uint8),
+                qv[None].to(torch.uint8), q_offset, float(scale),
+            )  # fmt: skip
+            out[b] = o[0].to(q.dtype)
+            executed += int(qv.sum()) * m * hq
+            if stats is not None:
+                gpos = order.clamp_min(0)
+                allowed = table.view(hkv, g * nq, c + 1).gather(
+                    2, kcls[gpos][:, None, :].expand(hkv, g * nq, m)
+                )
+                allowed &= (gpos[:, None, :] <= qpos.repeat(g)[None, :, None]) & slot_ok[:, None, :]
+                stats.attended += allowed.view(hq, nq, m).sum(dim=(1, 2)).double()
             continue
         if m > decode_gather_fraction * (last + 1):
             # most of the prefix is kept: copying it would cost more than reading it in place

@@ -1,0 +1,501 @@
+// Block-sparse causal attention on the CPU: the kernel of the `native` backend.
+//
+// Inputs are in cube-major, block-padded order (see adaspark/ops/attention/blocks.py):
+//   q       [B, Hq, Sq, D] float32 contiguous      k, v [B, Hkv, Sk, D] float32 contiguous
+//   kind    [B, Hq, nQ, nK] uint8: 0 = block not kept, 1 = partial (token mask), 2 = full
+//   table   [B, Hq, U, C] uint8: query unit u of head h attends key class c
+//   q_unit  [B, Sq] int64, k_cls [B, Sk] int64, q_pos [B, Sq] int64, k_pos [B, Sk] int64
+//   k_valid [B, Sk] uint8, q_valid [B, Sq] uint8
+//   group   query heads stacked into one task (1, or Hq / Hkv: the heads of a GQA group)
+//   chunk   key blocks per step of the online softmax
+// Output [B, Hq, Sq, D] float32 (rows of padded / invalid queries are zero).
+//
+// One task per (sample, head group, query block): the union of the key blocks its heads keep is
+// walked in chunks; each chunk is one S = Q K^T matrix product (keys read in place when the chunk's
+// blocks are consecutive, gathered otherwise), the mask is applied block by block (skipped blocks
+// -inf, partial blocks token by token, full blocks untouched), then an online-softmax update and
+// O += P V. Tasks are spread over the intra-op threads in a strided order (later query blocks
+// attend more keys) with at::parallel_for.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// exp(x - shift) over a row, in place; returns the row's sum. -inf entries give exactly 0.
+// AVX2: a degree-6 polynomial after range reduction by ln 2 (relative error ~2e-7, within float
+// rounding of expf); elsewhere std::exp.
+inline float exp_shift_sum(float* row, int64_t n, float shift) {
+  int64_t x = 0;
+  float sum = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 vshift = _mm256_set1_ps(shift);
+  const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.3f);
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
+  const __m256 c1 = _mm256_set1_ps(1.9875691500e-4f), c2 = _mm256_set1_ps(1.3981999507e-3f);
+  const __m256 c3 = _mm256_set1_ps(8.3334519073e-3f), c4 = _mm256_set1_ps(4.1665795894e-2f);
+  const __m256 c5 = _mm256_set1_ps(1.6666665459e-1f), c6 = _mm256_set1_ps(5.0000001201e-1f);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  __m256 acc = _mm256_setzero_ps();
+  for (; x + 8 <= n; x += 8) {
+    const __m256 v0 = _mm256_sub_ps(_mm256_loadu_ps(row + x), vshift);
+    const __m256 under = _mm256_cmp_ps(v0, lo, _CMP_LT_OQ);  // also catches -inf
+    const __m256 nan = _mm256_cmp_ps(v0, v0, _CMP_UNORD_Q);  // NaN stays NaN (never silently 0)
+    __m256 v = _mm256_min_ps(_mm256_max_ps(v0, lo), hi);
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, ln2_hi, v);
+    r = _mm256_fnmadd_ps(k, ln2_lo, r);
+    __m256 p = c1;
+    p = _mm256_fmadd_ps(p, r, c2);
+    p = _mm256_fmadd_ps(p, r, c3);
+    p = _mm256_fmadd_ps(p, r, c4);
+    p = _mm256_fmadd_ps(p, r, c5);
+    p = _mm256_fmadd_ps(p, r, c6);
+    const __m256 r2 = _mm256_mul_ps(r, r);
+    p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, one));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    y = _mm256_andnot_ps(under, y);
+    y = _mm256_blendv_ps(y, v0, nan);
+    _mm256_storeu_ps(row + x, y);
+    acc = _mm256_add_ps(acc, y);
+  }
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, acc);
+  for (int i = 0; i < 8; ++i) sum += tmp[i];
+#endif
+  for (; x < n; ++x) {
+    const float e = std::exp(row[x] - shift);
+    row[x] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+inline float row_max(const float* row, int64_t n) {
+  float mx = -std::numeric_limits<float>::infinity();
+  int64_t x = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc = _mm256_set1_ps(mx);
+  __m256 bad = _mm256_setzero_ps();
+  for (; x + 8 <= n; x += 8) {
+    const __m256 r = _mm256_loadu_ps(row + x);
+    acc = _mm256_max_ps(acc, r);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(r, r, _CMP_UNORD_Q));
+  }
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, acc);
+  for (int i = 0; i < 8; ++i) mx = tmp[i] > mx ? tmp[i] : mx;
+  if (_mm256_movemask_ps(bad)) return std::numeric_limits<float>::quiet_NaN();
+#endif
+  for (; x < n; ++x) {
+    if (std::isnan(row[x])) return std::numeric_limits<float>::quiet_NaN();
+    mx = row[x] > mx ? row[x] : mx;
+  }
+  return mx;
+}
+
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t x = 0;
+  float sum = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; x + 16 <= n; x += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + x), _mm256_loadu_ps(b + x), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + x + 8), _mm256_loadu_ps(b + x + 8), acc1);
+  }
+  for (; x + 8 <= n; x += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + x), _mm256_loadu_ps(b + x), acc0);
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, _mm256_add_ps(acc0, acc1));
+  for (int i = 0; i < 8; ++i) sum += tmp[i];
+#endif
+  for (; x < n; ++x) sum += a[x] * b[x];
+  return sum;
+}
+
+inline void axpy(float* o, float w, const float* v, int64_t n) {
+  int64_t x = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 vw = _mm256_set1_ps(w);
+  for (; x + 8 <= n; x += 8)
+    _mm256_storeu_ps(o + x, _mm256_fmadd_ps(vw, _mm256_loadu_ps(v + x), _mm256_loadu_ps(o + x)));
+#endif
+  for (; x < n; ++x) o[x] += w * v[x];
+}
+
+// a key/value row as float32: in place for float, converted into `buf` for bfloat16
+inline const float* as_float(const float* row, int64_t, float*) { return row; }
+inline const float* as_float(const at::BFloat16* row, int64_t n, float* buf) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(row);
+  int64_t x = 0;
+#if defined(__AVX2__)
+  for (; x + 8 <= n; x += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bits + x));
+    _mm256_storeu_ps(buf + x, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+  }
+#endif
+  for (; x < n; ++x) {
+    const uint32_t u = static_cast<uint32_t>(bits[x]) << 16;
+    std::memcpy(buf + x, &u, sizeof(float));
+  }
+  return buf;
+}
+
+// Few queries (decoding) against the kept rows of a long cache, read in place.
+//   q     [B, Hq, Nq, D] float32      k, v [B, Hkv, Nk, D] float32 or bfloat16 (unpermuted)
+//   rows  [B, Hkv, M] int64: key positions some head of the group keeps, ascending, -1 = none
+//   table [B, Hq, Nq, C] uint8: head h's query i attends key class c
+//   k_cls [B, Nk] int64, k_valid [B, Nk] uint8, q_valid [B, Nq] uint8; query i sits at q_offset + i
+// Each (sample, kv head, split of the rows) is one task computing partial softmax statistics for
+// the group's g·Nq query rows (scores by AVX2 dot products, V rows accumulated with weights); the
+// splits are merged at the end (split-K, as flash-decoding does).
+template <typename scalar_t>
+void rows_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
+                         const at::Tensor& table, const at::Tensor& k_cls, const at::Tensor& k_valid,
+                         const at::Tensor& q_valid, int64_t q_offset, double scale, at::Tensor& out) {
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2), M = rows.size(2), C = table.size(3);
+  const int64_t g = Hq / Hkv, R = g * Nq;
+  const int64_t threads = at::get_num_threads();
+  const int64_t per = std::max<int64_t>(256, (M + threads - 1) / std::max<int64_t>(1, threads));
+  const int64_t splits = std::max<int64_t>(1, (M + per - 1) / per);
+  const int64_t n_tasks = B * Hkv * splits;
+  const float neg = -std::numeric_limits<float>::infinity();
+  const float fscale = static_cast<float>(scale);
+  // partials: max, sum, o per (task, row)
+  std::vector<float> pm(n_tasks * R, neg), pl(n_tasks * R, 0.0f), po(n_tasks * R * D, 0.0f);
+  const float* qd = q.data_ptr<float>();
+  const scalar_t* kd = k.data_ptr<scalar_t>();
+  const scalar_t* vd = v.data_ptr<scalar_t>();
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
+  const int64_t* rows_p = rows.data_ptr<int64_t>();
+  const uint8_t* table_p = table.data_ptr<uint8_t>();
+  const int64_t* k_cls_p = k_cls.data_ptr<int64_t>();
+  const uint8_t* k_valid_p = k_valid.data_ptr<uint8_t>();
+  const uint8_t* q_valid_p = q_valid.data_ptr<uint8_t>();
+  at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> kbuf(D), vbuf(D), qs(R * D);
+    std::vector<float> sc;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t sp = t % splits, kvh = (t / splits) % Hkv, b = t / (splits * Hkv);
+      const int64_t j0 = sp * per, j1 = std::min(M, j0 + per);
+      const int64_t* rl = rows_p + (b * Hkv + kvh) * M;
+      int64_t n = 0;
+      for (int64_t j = j0; j < j1 && rl[j] >= 0; ++j) ++n;
+      if (n == 0) continue;
+      for (int64_t r = 0; r < R; ++r) {  // row r = (head hh, query i), scaled
+        const int64_t hh = r / Nq, i = r % Nq;
+        const float* src = qd + ((b * Hq + kvh * g + hh) * Nq + i) * D;
+        for (int64_t x = 0; x < D; ++x) qs[r * D + x] = src[x] * fscale;
+      }
+      sc.assign(R * n, neg);
+      const scalar_t* kbase = kd + b * ks0 + kvh * ks1;
+      const scalar_t* vbase = vd + b * vs0 + kvh * vs1;
+      for (int64_t jj = 0; jj < n; ++jj) {
+        const int64_t pos = rl[j0 + jj];
+        if (!k_valid_p[b * Nk + pos]) continue;
+        const float* kr = as_float(kbase + pos * ks2, D, kbuf.data());
+        const int64_t cls = k_cls_p[b * Nk + pos];
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t hh = r / Nq, i = r % Nq;
+          if (pos > q_offset + i || !q_valid_p[b * Nq + i]) continue;
+          if (!table_p[(((b * Hq + kvh * g + hh) * Nq) + i) * C + cls]) continue;
+          sc[r * n + jj] = dot(qs.data() + r * D, kr, D);
+        }
+      }
+      float* tm = pm.data() + t * R;
+      float* tl = pl.data() + t * R;
+      float* to = po.data() + t * R * D;
+      for (int64_t r = 0; r < R; ++r) {
+        float* row = sc.data() + r * n;
+        const float mx = row_max(row, n);
+        tm[r] = mx;
+        if (mx == neg) {
+          for (int64_t jj = 0; jj < n; ++jj) row[jj] = 0.0f;
+          continue;
+        }
+        tl[r] = exp_shift_sum(row, n, mx);
+      }
+      for (int64_t jj = 0; jj < n; ++jj) {
+        const int64_t pos = rl[j0 + jj];
+        bool any = false;
+        for (int64_t r = 0; r < R; ++r) any |= sc[r * n + jj] != 0.0f;
+        if (!any) continue;
+        const float* vr = as_float(vbase + pos * vs2, D, vbuf.data());
+        for (int64_t r = 0; r < R; ++r) {
+          const float w = sc[r * n + jj];
+          if (w != 0.0f) axpy(to + r * D, w, vr, D);
+        }
+      }
+    }
+  });
+  // merge the splits
+  float* od = out.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t kvh = 0; kvh < Hkv; ++kvh)
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t hh = r / Nq, i = r % Nq;
+        float* dst = od + ((b * Hq + kvh * g + hh) * Nq + i) * D;
+        float mx = neg;
+        bool nan = false;
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const float x = pm[((b * Hkv + kvh) * splits + sp) * R + r];
+          nan |= std::isnan(x);
+          mx = std::max(mx, x);
+        }
+        if (!q_valid_p[b * Nq + i]) continue;  // stays zero
+        if (nan) {  // a non-finite input reaches the output, never silently dropped
+          for (int64_t x = 0; x < D; ++x) dst[x] = std::numeric_limits<float>::quiet_NaN();
+          continue;
+        }
+        if (mx == neg) continue;  // nothing attended: stays zero
+        float l = 0.0f;
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const int64_t t = (b * Hkv + kvh) * splits + sp;
+          if (pm[t * R + r] == neg) continue;
+          const float a = std::exp(pm[t * R + r] - mx);
+          l += a * pl[t * R + r];
+          axpy(dst, a, po.data() + (t * R + r) * D, D);
+        }
+        const float inv = 1.0f / l;
+        for (int64_t x = 0; x < D; ++x) dst[x] *= inv;
+      }
+}
+
+at::Tensor rows_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
+                          const at::Tensor& table, const at::Tensor& k_cls, const at::Tensor& k_valid,
+                          const at::Tensor& q_valid, int64_t q_offset, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous(), "rows_attention: q must be contiguous float32");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && k.stride(3) == 1 && v.stride(3) == 1,
+              "rows_attention: k and v must share a dtype and have contiguous rows");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "rows_attention: Hq must be a multiple of Hkv");
+  auto out = at::zeros_like(q);
+  auto rows_c = rows.contiguous();
+  auto table_c = table.contiguous();
+  auto k_cls_c = k_cls.contiguous();
+  auto k_valid_c = k_valid.contiguous();
+  auto q_valid_c = q_valid.contiguous();
+  if (k.scalar_type() == at::kFloat) {
+    rows_attention_impl<float>(q, k, v, rows_c, table_c, k_cls_c, k_valid_c, q_valid_c, q_offset, scale, out);
+  } else if (k.scalar_type() == at::kBFloat16) {
+    rows_attention_impl<at::BFloat16>(q, k, v, rows_c, table_c, k_cls_c, k_valid_c, q_valid_c, q_offset, scale,
+                                      out);
+  } else {
+    TORCH_CHECK(false, "rows_attention: k and v must be float32 or bfloat16");
+  }
+  return out;
+}
+
+at::Tensor block_attention(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kind,
+    const at::Tensor& table, const at::Tensor& q_unit, const at::Tensor& k_cls,
+    const at::Tensor& q_pos, const at::Tensor& k_pos, const at::Tensor& k_valid,
+    const at::Tensor& q_valid, int64_t block, int64_t group, int64_t chunk, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "block_attention: q, k, v must be 4-D");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+                  v.scalar_type() == at::kFloat,
+              "block_attention: q, k, v must be float32");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
+              "block_attention: q, k, v must be contiguous");
+  TORCH_CHECK(kind.scalar_type() == at::kByte && table.scalar_type() == at::kByte &&
+                  k_valid.scalar_type() == at::kByte && q_valid.scalar_type() == at::kByte,
+              "block_attention: kind, table, k_valid, q_valid must be uint8");
+  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Sk = k.size(2);
+  TORCH_CHECK(block >= 1 && Sq % block == 0 && Sk % block == 0, "block_attention: bad block size");
+  TORCH_CHECK(Hq % Hkv == 0, "block_attention: Hq must be a multiple of Hkv");
+  const int64_t g = Hq / Hkv;
+  TORCH_CHECK(group >= 1 && g % group == 0, "block_attention: group must divide Hq / Hkv");
+  const int64_t nQ = Sq / block, nK = Sk / block;
+  TORCH_CHECK(kind.size(0) == B && kind.size(1) == Hq && kind.size(2) == nQ && kind.size(3) == nK,
+              "block_attention: kind has the wrong shape");
+  const int64_t U = table.size(2), C = table.size(3);
+  const int64_t nG = Hq / group;
+  const int64_t R = group * block;  // rows of one task
+  chunk = std::max<int64_t>(1, chunk);
+
+  auto kind_c = kind.contiguous();
+  auto table_c = table.contiguous();
+  auto q_unit_c = q_unit.contiguous();
+  auto k_cls_c = k_cls.contiguous();
+  auto q_pos_c = q_pos.contiguous();
+  auto k_pos_c = k_pos.contiguous();
+  auto k_valid_c = k_valid.contiguous();
+  auto q_valid_c = q_valid.contiguous();
+  const uint8_t* kind_p = kind_c.data_ptr<uint8_t>();
+  const uint8_t* table_p = table_c.data_ptr<uint8_t>();
+  const int64_t* q_unit_p = q_unit_c.data_ptr<int64_t>();
+  const int64_t* k_cls_p = k_cls_c.data_ptr<int64_t>();
+  const int64_t* q_pos_p = q_pos_c.data_ptr<int64_t>();
+  const int64_t* k_pos_p = k_pos_c.data_ptr<int64_t>();
+  const uint8_t* k_valid_p = k_valid_c.data_ptr<uint8_t>();
+  const uint8_t* q_valid_p = q_valid_c.data_ptr<uint8_t>();
+  const float* qd = q.data_ptr<float>();
+  const float* kd = k.data_ptr<float>();
+  const float* vd = v.data_ptr<float>();
+
+  auto out = at::zeros_like(q);
+  float* od = out.data_ptr<float>();
+  const int64_t n_tasks = B * nG * nQ;
+  const float neg = -std::numeric_limits<float>::infinity();
+  const float fscale = static_cast<float>(scale);
+  const auto fopt = q.options();
+  const int64_t n_workers = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n_tasks, 1));
+
+  at::parallel_for(0, n_workers, 1, [&](int64_t w0, int64_t w1) {
+    // per-thread buffers (sized for the largest chunk)
+    auto qt = at::empty({R, D}, fopt);
+    auto kbuf = at::empty({chunk * block, D}, fopt);
+    auto vbuf = at::empty({chunk * block, D}, fopt);
+    auto sbuf = at::empty({R, chunk * block}, fopt);
+    auto ot = at::empty({R, D}, fopt);
+    std::vector<float> m(R), l(R);
+    std::vector<int64_t> blocks;
+    blocks.reserve(nK);
+    float* qtp = qt.data_ptr<float>();
+    float* kbp = kbuf.data_ptr<float>();
+    float* vbp = vbuf.data_ptr<float>();
+    float* sp = sbuf.data_ptr<float>();
+    float* otp = ot.data_ptr<float>();
+    for (int64_t w = w0; w < w1; ++w) {
+      for (int64_t t = w; t < n_tasks; t += n_workers) {
+        const int64_t qb = t % nQ;
+        const int64_t gi = (t / nQ) % nG;
+        const int64_t b = t / (nQ * nG);
+        const int64_t h0 = gi * group;
+        const int64_t kvh = h0 / g;
+        // rows of this block up to its last valid query (decoding: the few new tokens)
+        int64_t rows = 0;
+        for (int64_t i = 0; i < block; ++i)
+          if (q_valid_p[b * Sq + qb * block + i]) rows = i + 1;
+        if (rows == 0) continue;
+        const int64_t RR = group * rows;
+        // union of the kept key blocks of the group's heads, ascending
+        blocks.clear();
+        for (int64_t kb = 0; kb < nK; ++kb) {
+          bool kept = false;
+          for (int64_t hh = 0; hh < group; ++hh)
+            kept |= kind_p[(((b * Hq + h0 + hh) * nQ + qb) * nK) + kb] != 0;
+          if (kept) blocks.push_back(kb);
+        }
+        if (blocks.empty()) continue;
+        // Q tile: the group's heads stacked, scaled
+        for (int64_t hh = 0; hh < group; ++hh) {
+          const float* src = qd + (((b * Hq + h0 + hh) * Sq) + qb * block) * D;
+          float* dst = qtp + hh * rows * D;
+          for (int64_t x = 0; x < rows * D; ++x) dst[x] = src[x] * fscale;
+        }
+        std::fill(m.begin(), m.end(), neg);
+        std::fill(l.begin(), l.end(), 0.0f);
+        auto qtr = qt.narrow(0, 0, RR);
+        auto otr = ot.narrow(0, 0, RR);
+        otr.zero_();
+        const float* kbase = kd + (b * Hkv + kvh) * Sk * D;
+        const float* vbase = vd + (b * Hkv + kvh) * Sk * D;
+        const int64_t nb = static_cast<int64_t>(blocks.size());
+        for (int64_t c0 = 0; c0 < nb; c0 += chunk) {
+          const int64_t cn = std::min(chunk, nb - c0);
+          const int64_t cols = cn * block;
+          const bool consecutive = blocks[c0 + cn - 1] - blocks[c0] == cn - 1;
+          at::Tensor kc, vc;
+          if (consecutive) {
+            const int64_t off = blocks[c0] * block * D;
+            kc = at::from_blob(const_cast<float*>(kbase + off), {cols, D}, fopt);
+            vc = at::from_blob(const_cast<float*>(vbase + off), {cols, D}, fopt);
+          } else {
+            for (int64_t j = 0; j < cn; ++j) {
+              const int64_t off = blocks[c0 + j] * block * D;
+              std::memcpy(kbp + j * block * D, kbase + off, sizeof(float) * block * D);
+              std::memcpy(vbp + j * block * D, vbase + off, sizeof(float) * block * D);
+            }
+            kc = kbuf.narrow(0, 0, cols);
+            vc = vbuf.narrow(0, 0, cols);
+          }
+          auto s = at::from_blob(sp, {RR, cols}, fopt);
+          at::mm_out(s, qtr, kc.t());
+          // mask, block by block
+          for (int64_t hh = 0; hh < group; ++hh) {
+            const int64_t h = h0 + hh;
+            for (int64_t j = 0; j < cn; ++j) {
+              const int64_t kb = blocks[c0 + j];
+              const uint8_t kk = kind_p[((b * Hq + h) * nQ + qb) * nK + kb];
+              if (kk == 2) continue;
+              for (int64_t i = 0; i < rows; ++i) {
+                float* row = sp + (hh * rows + i) * cols + j * block;
+                if (kk == 0) {
+                  for (int64_t x = 0; x < block; ++x) row[x] = neg;
+                  continue;
+                }
+                const int64_t qs = b * Sq + qb * block + i;
+                const int64_t qp = q_pos_p[qs];
+                const uint8_t* trow = table_p + ((b * Hq + h) * U + q_unit_p[qs]) * C;
+                for (int64_t x = 0; x < block; ++x) {
+                  const int64_t ks = b * Sk + kb * block + x;
+                  const bool ok = k_valid_p[ks] && k_pos_p[ks] <= qp && trow[k_cls_p[ks]];
+                  if (!ok) row[x] = neg;
+                }
+              }
+            }
+          }
+          // online softmax update
+          for (int64_t r = 0; r < RR; ++r) {
+            float* row = sp + r * cols;
+            const float mx = row_max(row, cols);
+            const float m_new = mx > m[r] ? mx : m[r];
+            // rows with nothing attended so far keep m = -inf (exp of -inf entries is 0)
+            const float shift = m_new == neg ? 0.0f : m_new;
+            const float alpha = std::exp(m[r] - shift);  // 0 while m[r] = -inf
+            m[r] = m_new;
+            l[r] = l[r] * alpha + exp_shift_sum(row, cols, shift);
+            if (alpha != 1.0f) {
+              float* orow = otp + r * D;
+              for (int64_t x = 0; x < D; ++x) orow[x] *= alpha;
+            }
+          }
+          otr.addmm_(s, vc);
+        }
+        // normalise and write back (invalid query rows stay zero)
+        for (int64_t hh = 0; hh < group; ++hh) {
+          float* dst = od + (((b * Hq + h0 + hh) * Sq) + qb * block) * D;
+          for (int64_t i = 0; i < rows; ++i) {
+            const int64_t r = hh * rows + i;
+            if (!q_valid_p[b * Sq + qb * block + i] || l[r] <= 0.0f) continue;
+            const float inv = 1.0f / l[r];
+            const float* orow = otp + r * D;
+            for (int64_t x = 0; x < D; ++x) dst[i * D + x] = orow[x] * inv;
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(adaspark, m) {
+  m.def(
+      "block_attention(Tensor q, Tensor k, Tensor v, Tensor kind, Tensor table, Tensor q_unit, "
+      "Tensor k_cls, Tensor q_pos, Tensor k_pos, Tensor k_valid, Tensor q_valid, int block, "
+      "int group, int chunk, float scale) -> Tensor");
+  m.def(
+      "rows_attention(Tensor q, Tensor k, Tensor v, Tensor rows, Tensor table, Tensor k_cls, "
+      "Tensor k_valid, Tensor q_valid, int q_offset, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(adaspark, CPU, m) {
+  m.impl("block_attention", &block_attention);
+  m.impl("rows_attention", &rows_attention);
+}

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -374,3 +375,51 @@ def test_simple_evaluate_dense_and_sparse(checkpoint, task_dir, tmp_path, monkey
         saved[name] = [r["saved"] for r in records]
     assert saved["dense"] == [0.0] * N_ITEMS
     assert all(s > 0 for s in saved["sparse"])
+
+
+@pytest.mark.slow
+def test_two_ranks_answer_like_one(checkpoint, task_dir, tmp_path, monkeypatch):
+    """``torchrun --nproc-per-node 2 -m lmms_eval`` with batch_size 2: lmms-eval deals the documents to
+    the two ranks (one padded) and gathers them; the answers equal a one-process run's."""
+    pytest.importorskip("lmms_eval")
+    import glob
+    import os
+
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1"}
+    env["LMMS_EVAL_DATASETS_CACHE"] = str(tmp_path / "datasets")
+    report = tmp_path / "ranks.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "lmms_eval", "--", "--model", "adaspark_qwen2_5_vl", "--tasks", "adaspark_needle"]
+    cmd += ["--model_args", f"pretrained={checkpoint},p=0.5,report_path={report}", "--batch_size", "2"]
+    cmd += ["--include_path", str(task_dir), "--device", "cpu", "--output_path", str(tmp_path / "out")]
+    proc = subprocess.run([*cmd, "--log_samples"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (samples_file,) = glob.glob(
+        str(tmp_path / "out" / "**" / "*samples_adaspark_needle.jsonl"), recursive=True
+    )
+    ranks = {
+        s["doc_id"]: s["filtered_resps"] for s in map(json.loads, Path(samples_file).read_text().splitlines())
+    }
+    records = [json.loads(x) for x in report.read_text().splitlines()]
+    answered = [q["doc_id"] for r in records if not r.get("padding") for q in r.get("requests", [r])]
+    assert sorted(answered) == list(range(N_ITEMS))  # each document on one rank, once
+    assert any(r.get("batch_size") == 2 for r in records)  # rank 0 answered its two in one batch
+    assert sum(bool(r.get("padding")) for r in records) == 1  # rank 1's padding request
+
+    monkeypatch.setenv("LMMS_EVAL_DATASETS_CACHE", env["LMMS_EVAL_DATASETS_CACHE"])
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out = simple_evaluate(
+        model="adaspark_qwen2_5_vl",
+        model_args=f"pretrained={checkpoint},p=0.5",
+        tasks=["adaspark_needle"],
+        batch_size=1,
+        device="cpu",
+        log_samples=True,
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+    )
+    # the samples file holds the filtered answer itself, simple_evaluate a one-element list
+    one = {s["doc_id"]: s["filtered_resps"][0] for s in out["samples"]["adaspark_needle"]}
+    assert ranks == one

@@ -331,8 +331,12 @@ def test_concurrent_shards_share_one_out_dir(tmp_path, items, variants):
     # a single run elsewhere gives the same rows, item for item
     run_eval(items, variants, FakeModel(), tmp_path / "one", progress=False, plot=False)
     single = {(r["item_id"], r["variant"]): r for r in load_results(tmp_path / "one" / "results.jsonl")}
-    for r in load_results(tmp_path / "results.jsonl"):
-        assert {**r, "seconds": 0} == {**single[(r["item_id"], r["variant"])], "seconds": 0}
+    shared = load_results(tmp_path / "results.jsonl")
+    for r in shared:  # the same rows but for who wrote them
+        assert {**r, "shard": None} == single[(r["item_id"], r["variant"])]
+    assert {r["shard"] for r in shared} <= {"0/2", "1/2", None} and {r["shard"] for r in single.values()} == {
+        None
+    }
 
 
 def test_merge_separate_shard_dirs(tmp_path, items, variants):

@@ -255,3 +255,87 @@ def test_eval_bad_input(argv, needle, tmp_path):
 def test_eval_usage_errors():
     code, _, err = run_cli(["eval", "--ps", "1.5"])
     assert code == 2 and "usage: adaspark eval" in err
+
+
+# --------------------------------------------------------------------------- eval, data parallel
+
+EVAL_TINY = ["eval", "--lengths", "16", "--n", "1", "--ps", "0.5", "--families", "top_p", "--no-plot"]
+SAME = ("pred", "correct", "answer", "config", "flops", "flops_dense", "decoder_flops", "decoder_flops_dense")
+
+
+def _by_pair(rows: list[dict]) -> dict:
+    pairs = [(r["item_id"], r["variant"]) for r in rows]
+    assert len(pairs) == len(set(pairs)), "a pair was written twice"
+    return {(r["item_id"], r["variant"]): {k: r[k] for k in SAME} for r in rows}
+
+
+def test_eval_two_shard_processes_equal_one_run(tmp_path):
+    """Two real processes (``--shard 0/2``, and shard 1/2 from RANK/WORLD_SIZE as torchrun sets them)
+    write into one --out; together they give what one process gives, item for item."""
+    import os
+    import subprocess
+    import sys
+
+    shared = tmp_path / "shared"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "adaspark", *EVAL_TINY, "--no-progress", "--out", str(shared)]
+    procs = [
+        subprocess.Popen([*cmd, "--shard", "0/2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE),
+        subprocess.Popen(cmd, env={**env, "RANK": "1", "WORLD_SIZE": "2"}, stdout=subprocess.PIPE),
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "shard 0/2: 2 of 3 items" in outs[0][0].decode() and "shard 1/2: 1 of 3" in outs[1][0].decode()
+    code, stdout, err = run_cli([*EVAL_TINY, "--no-progress", "--out", str(tmp_path / "one")])
+    assert code == 0, err
+    single = _by_pair(_rows(tmp_path / "one"))
+    assert len(single) == 3 * 2
+    assert _by_pair(_rows(shared)) == single  # nothing lost, nothing twice, the same answers and FLOPs
+    assert sorted(r["shard"] for r in _rows(shared)) == ["0/2"] * 4 + ["1/2"] * 2  # each did its part
+    assert {r["shard"] for r in _rows(tmp_path / "one")} == {None}
+    # the summary of the shared directory covers both shards (the later one wrote it)
+    assert "| dense | 3 |" in eval_command._overall_table(shared) and "| dense | 3 |" in stdout
+
+    # --merge: the two shards' rows in two directories, merged into a third
+    rows = _rows(shared)
+    from adaspark.core.sharding import Shard
+    from adaspark.needle import make_split
+    from adaspark.needle.evaluate import shard_items
+
+    ids0 = {it.id for it in shard_items(make_split("test", 1, (16,)), Shard(0, 2))}
+    for name, part in (
+        ("s0", [r for r in rows if r["item_id"] in ids0]),
+        ("s1", [r for r in rows if r["item_id"] not in ids0]),
+    ):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    merged = tmp_path / "merged"
+    argv = ["eval", "--merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(merged), "--no-plot"]
+    code, stdout, err = run_cli(argv)
+    assert code == 0, err
+    assert (
+        _by_pair(_rows(merged)) == single and "6 rows added from 2 directories (0 already present)" in stdout
+    )
+    assert "| dense | 3 |" in stdout and (merged / "summary.csv").is_file()
+    code, stdout, err = run_cli(argv)  # again: nothing added
+    assert code == 0 and "0 rows added from 2 directories (6 already present)" in stdout
+
+
+@pytest.mark.parametrize("shard", ["2/2", "3/2", "-1/2", "1", "a/b", "0/0", "1/2/3"])
+def test_eval_bad_shard(shard, tmp_path):
+    code, out, err = run_cli(["eval", f"--shard={shard}", "--out", str(tmp_path / "o"), "--no-progress"])
+    assert_clean_error(code, out, err, "--shard must be i/n with 0 <= i < n", repr(shard))
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_bad_launcher_environment_and_merge_input(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    o = ["--out", str(tmp_path / "o"), "--no-progress"]
+    assert_clean_error(*run_cli(["eval", *o]), "RANK/WORLD_SIZE = 2/2 is not a shard")
+    assert_clean_error(*run_cli(["eval", "--merge", str(tmp_path), *o]), "holds no results.jsonl")
+    (tmp_path / "results.jsonl").write_text("")
+    assert_clean_error(
+        *run_cli(["eval", "--merge", str(tmp_path), "--shard", "0/2", *o]), "exclude each other"
+    )

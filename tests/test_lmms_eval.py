@@ -11,6 +11,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,6 +255,79 @@ def test_runner_refuses_requests_it_cannot_answer(checkpoint, task_dir):
     assert runner.records == []
 
 
+def test_batch_requests_groups_like_lmms_eval():
+    from adaspark.integrations.lmms_eval.runner import batch_requests
+
+    greedy, sampled = {"max_new_tokens": 3}, {"max_new_tokens": 3, "temperature": 0.7}
+    args = [
+        ("q0", greedy, None, 0, "t", "test"),
+        ("q1", sampled, None, 1, "t", "test"),
+        ("q2", greedy, None, 2, "t", "test"),
+        ("q3", greedy, None, 3, "u", "test"),  # another task: another batch
+        ("q4", greedy, None, 4, "t", "test"),
+        ("q5", dict(greedy), None, 5, "t", "test"),  # equal settings in another dict: same batch
+    ]
+    assert batch_requests(args, 2) == [[0, 2], [4, 5], [1], [3]]
+    assert batch_requests(args, 8) == [[0, 2, 4, 5], [1], [3]]
+    assert batch_requests(args, 1) == [[0], [2], [4], [5], [1], [3]]
+    padding = [False, False, False, False, True, False]  # lmms-eval's rank padding: its own batch
+    assert batch_requests(args, 8, padding) == [[0, 2, 5], [1], [3], [4]]
+    assert batch_requests([], 4) == []
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        batch_requests(args, 0)
+
+
+def test_rank_device():
+    from adaspark.integrations.lmms_eval.runner import rank_device
+
+    assert rank_device("cuda", 3, 4) == "cuda:3"  # one GPU per process
+    assert rank_device("cuda:0", 1, 2) == "cuda:1"
+    assert rank_device("cuda:1", 0, 1) == "cuda:1"  # one process: as asked
+    assert rank_device("cpu", 1, 2) == "cpu"
+
+
+def test_runner_batches_requests(checkpoint, task_dir, tmp_path):
+    """batch_size=2: the same answers as one request at a time, one record per generate call, the
+    batch's cost counted once; lmms-eval's rank padding is answered but left out of the summary."""
+    from types import SimpleNamespace
+
+    from adaspark.integrations.lmms_eval.runner import Runner, answer_requests, parse_model_args
+    from adaspark.needle.lmms_task import doc_to_text, doc_to_visual
+
+    docs = _docs(task_dir)
+    report = tmp_path / "batched.jsonl"
+    base = {"pretrained": str(checkpoint), "device": "cpu", "p": 0.5}
+    one = Runner(parse_model_args(base))
+    two = Runner(parse_model_args({**base, "batch_size": 2, "report_path": str(report)}))
+    assert two.settings.batch_size == 2 and one.settings.batch_size == 1
+    gen = {"max_new_tokens": 3, "temperature": 0, "do_sample": False, "until": ["\n\n"]}
+    reqs = [
+        SimpleNamespace(args=(doc_to_text(d), gen, doc_to_visual, i, "t", "test"), metadata={})
+        for i, d in enumerate(docs)
+    ]
+    pad = SimpleNamespace(args=reqs[-1].args, metadata={"__padding_only__": True})
+    task_dict = {"t": {"test": docs}}
+    a_one = answer_requests(one, reqs, task_dict)
+    a_two = answer_requests(two, [*reqs, pad], task_dict)
+    assert a_two == [*a_one, a_one[-1]]
+    # 3 requests + 1 padding, batch_size 2: [0, 1], [2], [padding]
+    assert [r.get("batch_size", 1) for r in two.records] == [2, 1, 1]
+    assert [r.get("padding", False) for r in two.records] == [False, False, True]
+    first = two.records[0]
+    assert [q["doc_id"] for q in first["requests"]] == [0, 1]
+    assert [q["response"] for q in first["requests"]] == a_one[:2]
+    assert all(q["prompt_tokens"] == one.records[i]["prompt_tokens"] for i, q in enumerate(first["requests"]))
+    for r in two.records:
+        assert 0.0 < r["saved"] < 1.0 and r["flops"] < r["flops_dense"]
+    # one generate over two prompts costs about what two single generates cost (the padding adds)
+    pair = sum(one.records[i]["flops_dense"] for i in (0, 1))
+    assert first["flops_dense"] == pytest.approx(pair, rel=0.05)
+    s = two.summary()
+    assert s["requests"] == 3
+    assert s["flops_dense"] == pytest.approx(first["flops_dense"] + two.records[1]["flops_dense"])
+    assert [json.loads(x) for x in report.read_text().splitlines()] == json.loads(json.dumps(two.records))
+
+
 # ------------------------------------------------------------------------------ through lmms-eval
 
 
@@ -301,3 +375,51 @@ def test_simple_evaluate_dense_and_sparse(checkpoint, task_dir, tmp_path, monkey
         saved[name] = [r["saved"] for r in records]
     assert saved["dense"] == [0.0] * N_ITEMS
     assert all(s > 0 for s in saved["sparse"])
+
+
+@pytest.mark.slow
+def test_two_ranks_answer_like_one(checkpoint, task_dir, tmp_path, monkeypatch):
+    """``torchrun --nproc-per-node 2 -m lmms_eval`` with batch_size 2: lmms-eval deals the documents to
+    the two ranks (one padded) and gathers them; the answers equal a one-process run's."""
+    pytest.importorskip("lmms_eval")
+    import glob
+    import os
+
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1"}
+    env["LMMS_EVAL_DATASETS_CACHE"] = str(tmp_path / "datasets")
+    report = tmp_path / "ranks.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "lmms_eval", "--", "--model", "adaspark_qwen2_5_vl", "--tasks", "adaspark_needle"]
+    cmd += ["--model_args", f"pretrained={checkpoint},p=0.5,report_path={report}", "--batch_size", "2"]
+    cmd += ["--include_path", str(task_dir), "--device", "cpu", "--output_path", str(tmp_path / "out")]
+    proc = subprocess.run([*cmd, "--log_samples"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (samples_file,) = glob.glob(
+        str(tmp_path / "out" / "**" / "*samples_adaspark_needle.jsonl"), recursive=True
+    )
+    ranks = {
+        s["doc_id"]: s["filtered_resps"] for s in map(json.loads, Path(samples_file).read_text().splitlines())
+    }
+    records = [json.loads(x) for x in report.read_text().splitlines()]
+    answered = [q["doc_id"] for r in records if not r.get("padding") for q in r.get("requests", [r])]
+    assert sorted(answered) == list(range(N_ITEMS))  # each document on one rank, once
+    assert any(r.get("batch_size") == 2 for r in records)  # rank 0 answered its two in one batch
+    assert sum(bool(r.get("padding")) for r in records) == 1  # rank 1's padding request
+
+    monkeypatch.setenv("LMMS_EVAL_DATASETS_CACHE", env["LMMS_EVAL_DATASETS_CACHE"])
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out = simple_evaluate(
+        model="adaspark_qwen2_5_vl",
+        model_args=f"pretrained={checkpoint},p=0.5",
+        tasks=["adaspark_needle"],
+        batch_size=1,
+        device="cpu",
+        log_samples=True,
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+    )
+    # the samples file holds the filtered answer itself, simple_evaluate a one-element list
+    one = {s["doc_id"]: s["filtered_resps"][0] for s in out["samples"]["adaspark_needle"]}
+    assert ranks == one

@@ -266,3 +266,103 @@ def test_calibrate_budgets_matches_flops(items):
         got = _cost(AdaSparkConfig(policy="top_k", top_k=b.top_k, top_k_tokens=b.top_k_tokens))
         assert got == pytest.approx(target, abs=0.4 / 32 + 0.4 / 64)  # one cube / one token of resolution
         assert b.source == "calibrated on 2 items"
+
+
+# --------------------------------------------------------------------------------- shards
+
+_SHARD_SCRIPT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from test_needle_evaluate import FakeModel
+from adaspark.core.sharding import parse_shard
+from adaspark.needle import make_split
+from adaspark.needle.evaluate import run_eval, standard_variants
+
+fake = FakeModel()
+def slow(item, variant):
+    time.sleep(0.002)
+    return fake(item, variant)
+
+shard = None if sys.argv[1] == "all" else parse_shard(sys.argv[1])
+items = make_split("test", 2, (64, 128), seed=100)
+run_eval(items, standard_variants((0.9, 0.3)), slow, sys.argv[2], progress=False, plot=False, shard=shard)
+print(len(fake.calls))
+"""
+
+
+def _run_processes(argvs) -> list[int]:
+    """Start one process per argv at once; returns how many answers each computed."""
+    script = _SHARD_SCRIPT.format(tests=str(Path(__file__).parent))
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, *a], stdout=subprocess.PIPE, text=True) for a in argvs
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * len(procs)
+    return [int(o.split()[-1]) for o in outs]
+
+
+def _pairs(path) -> list[tuple[str, str]]:
+    return [(r["item_id"], r["variant"]) for r in map(json.loads, Path(path).read_text().splitlines())]
+
+
+def test_shard_items_cover_the_split(items):
+    from adaspark.core.sharding import Shard
+    from adaspark.needle.evaluate import shard_items
+
+    parts = [shard_items(items, Shard(k, 3)) for k in range(3)]
+    assert sorted(i.id for p in parts for i in p) == sorted(i.id for i in items)  # disjoint, covering
+    for p in parts:  # 12 items of 64 and 128 frames: each shard gets 2 of each length
+        assert sorted(i.num_frames for i in p) == [64, 64, 128, 128]
+    assert shard_items(items, None) == list(items)
+
+
+def test_concurrent_shards_share_one_out_dir(tmp_path, items, variants):
+    """Two shards and a whole-run duplicate write into one results.jsonl at the same time."""
+    calls = _run_processes([["0/2", str(tmp_path)], ["1/2", str(tmp_path)], ["all", str(tmp_path)]])
+    expected = {(i.id, v.name) for i in items for v in variants}
+    pairs = _pairs(tmp_path / "results.jsonl")
+    assert len(pairs) == len(set(pairs)) == len(expected) and set(pairs) == expected
+    # each shard answered at most its half (less where the whole run was there first)
+    assert max(calls[:2]) <= len(expected) // 2 and sum(calls) >= len(expected)
+    # the summary was written by the last process to finish, over every row
+    overall = [s for s in summarize(tmp_path / "results.jsonl") if s["num_frames"] == s["task"] == "all"]
+    assert [s["n"] for s in overall] == [len(items)] * len(variants)
+    assert f"| dense | {len(items)} |" in (tmp_path / "summary.md").read_text()
+    # a single run elsewhere gives the same rows, item for item
+    run_eval(items, variants, FakeModel(), tmp_path / "one", progress=False, plot=False)
+    single = {(r["item_id"], r["variant"]): r for r in load_results(tmp_path / "one" / "results.jsonl")}
+    shared = load_results(tmp_path / "results.jsonl")
+    for r in shared:  # the same rows but for who wrote them
+        assert {**r, "shard": None} == single[(r["item_id"], r["variant"])]
+    assert {r["shard"] for r in shared} <= {"0/2", "1/2", None} and {r["shard"] for r in single.values()} == {
+        None
+    }
+
+
+def test_merge_separate_shard_dirs(tmp_path, items, variants):
+    from adaspark.needle.evaluate import merge_results
+
+    dirs = [tmp_path / "s0", tmp_path / "s1"]
+    assert sum(_run_processes([["0/2", str(dirs[0])], ["1/2", str(dirs[1])]])) == len(items) * len(variants)
+    halves = [set(_pairs(d / "results.jsonl")) for d in dirs]
+    assert halves[0].isdisjoint(halves[1]) and halves[0] and halves[1]
+    out = tmp_path / "merged"
+    assert merge_results(dirs, out, plot=False) == (len(items) * len(variants), 0)
+    pairs = _pairs(out / "results.jsonl")
+    assert len(pairs) == len(set(pairs)) and set(pairs) == halves[0] | halves[1]
+    assert {s["n"] for s in summarize(out / "results.jsonl") if s["num_frames"] == s["task"] == "all"} == {12}
+    # idempotent, and the target may be one of the sources
+    assert merge_results(dirs, out, plot=False) == (0, len(pairs))
+    assert merge_results([dirs[1]], dirs[0], plot=False) == (len(halves[1]), 0)
+    assert sorted(_pairs(dirs[0] / "results.jsonl")) == sorted(pairs)
+    # results of another run (same variant name, other config) are refused, nothing written
+    other = tmp_path / "other"
+    run_eval(items[:1], [Variant("top_p@0.9", AdaSparkConfig(p=0.8))], FakeModel(), other, progress=False)
+    before = (out / "results.jsonl").read_bytes()
+    with pytest.raises(ValueError, match=r"cannot merge: variant 'top_p@0\.9' has config"):
+        merge_results([*dirs, other], out, plot=False)
+    with pytest.raises(ValueError, match=r"holds variant 'top_p@0\.9' with config"):
+        merge_results([other], out, plot=False)
+    assert (out / "results.jsonl").read_bytes() == before
+    with pytest.raises(FileNotFoundError, match=r"holds no results\.jsonl"):
+        merge_results([tmp_path / "nowhere"], out)

@@ -9,6 +9,14 @@ Results go to ``--out``: ``results.jsonl`` (one line per item and variant, writt
 ``summary.csv``, ``summary.md`` and ``accuracy_vs_flops.png`` (:func:`adaspark.needle.evaluate.run_eval`)
 and ``eval_config.json``. A killed run resumes where it stopped when the same command is run again.
 
+Data parallel: ``--shard i/n`` runs shard ``i`` of ``n`` (whole items, dealt by frame count:
+:func:`adaspark.needle.evaluate.shard_items`). Without ``--shard``, a process started by ``torchrun``
+or ``accelerate launch`` takes its shard from ``RANK`` / ``WORLD_SIZE`` (else ``LOCAL_RANK`` /
+``LOCAL_WORLD_SIZE``; :func:`adaspark.core.sharding.from_environment`). Shards may share one
+``--out`` (rows are appended under a file lock; the summary covers every row present when a shard
+finishes) or use their own, combined afterwards by ``--merge DIR ... --out DIR``
+(:func:`adaspark.needle.evaluate.merge_results`).
+
 Exit codes: 0 success, 2 bad input (one line on stderr), 130 interrupted (results so far are kept).
 """
 
@@ -37,10 +45,6 @@ DEFAULT_LENGTHS = (64, 256, 1024)
 DEFAULT_PS = (0.9, 0.7, 0.5, 0.3)
 _TASKS = ("retrieval", "ordering", "counting")
 _FAMILIES = ("top_p", "top_k", "ratio", "no_comp")
-
-
-
-
 
 
 # ---------------------------------------------------------------------------------------- parser
@@ -107,6 +111,19 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", metavar="DIR", default="adaspark-eval", help="output directory (default %(default)s)"
     )
+    parser.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="run shard I of N (0-based; whole items, balanced by frames); default: from RANK/WORLD_SIZE "
+        "(torchrun, accelerate launch) when set, else everything",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        help="run nothing: add the results of these eval directories to --out (no pair twice) and "
+        "write its summary",
+    )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.set_defaults(handler=run)
@@ -164,6 +181,9 @@ def _check(args: argparse.Namespace):
         raise UsageError(f"--model {args.model!r} is not a directory (expected a save_pretrained checkpoint)")
     if args.data is not None and not Path(args.data).expanduser().is_dir():
         raise UsageError(f"--data {args.data!r} is not a directory")
+    for d in args.merge or ():
+        if not (Path(d).expanduser() / "results.jsonl").is_file():
+            raise UsageError(f"--merge {d!r} holds no results.jsonl")
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out!r} exists and is not a directory")
@@ -175,6 +195,27 @@ def _check(args: argparse.Namespace):
                 "the accuracy-vs-FLOPs plot needs matplotlib: pip install matplotlib (or use --no-plot)"
             )
     return base
+
+
+def _shard(args: argparse.Namespace):
+    """``--shard``, else the launcher's environment, else ``None`` (everything)."""
+    import os
+
+    from adaspark.core.sharding import from_environment, parse_shard
+
+    if args.shard is not None:
+        if args.merge:
+            raise UsageError("--shard and --merge exclude each other (--merge runs nothing)")
+        try:
+            return parse_shard(args.shard)
+        except ValueError:
+            raise UsageError(f"--shard must be i/n with 0 <= i < n, got {args.shard!r}") from None
+    if args.merge:
+        return None
+    shard = from_environment(os.environ)
+    if shard is not None:
+        print(f"adaspark eval: shard {shard} from the launcher's environment", file=sys.stderr)
+    return shard
 
 
 def _items(args):
@@ -195,10 +236,36 @@ def _overall_table(out: Path) -> str:
     return part.strip()
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from adaspark.needle.evaluate import merge_results
+
+    out = Path(args.out).expanduser()
+    try:
+        added, skipped = merge_results([Path(d).expanduser() for d in args.merge], out, plot=not args.no_plot)
+    except (ValueError, RuntimeError, OSError) as e:
+        return fail(e)
+    n = len({(r["item_id"], r["variant"]) for r in _rows_of(out)})
+    print(
+        f"AdaSpark {__version__} eval --merge: {added} rows added from {len(args.merge)} directories "
+        f"({skipped} already present); {out / 'results.jsonl'} holds {n}\n"
+    )
+    print(_overall_table(out))
+    return 0
+
+
+def _rows_of(out: Path) -> list[dict]:
+    from adaspark.needle.evaluate import load_results
+
+    return load_results(out / "results.jsonl")
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``adaspark eval``."""
     try:
         base = _check(args)
+        shard = _shard(args)
+        if args.merge:
+            return _merge(args)
         items = _items(args)
     except (ValueError, FileNotFoundError) as e:
         return fail(e)
@@ -244,7 +311,9 @@ def run(args: argparse.Namespace) -> int:
             },
             indent=2,
         )
-        run_eval(items, variants, answer_fn, out, progress=not args.no_progress, plot=not args.no_plot)
+        run_eval(
+            items, variants, answer_fn, out, progress=not args.no_progress, plot=not args.no_plot, shard=shard
+        )
     except KeyboardInterrupt:
         print(
             f"\nadaspark: interrupted; the results so far are in {out / 'results.jsonl'} — run the same "
@@ -254,10 +323,23 @@ def run(args: argparse.Namespace) -> int:
         return 130
     except (ValueError, RuntimeError, OSError) as e:
         return fail(e)
-    print(
-        f"AdaSpark {__version__} eval: {len(items)} items x {len(variants)} variants "
-        f"in {time.perf_counter() - start:.0f} s\n"
-    )
+    from adaspark.needle.evaluate import shard_items
+
+    seconds = time.perf_counter() - start
+    if shard is None:
+        print(
+            f"AdaSpark {__version__} eval: {len(items)} items x {len(variants)} variants in {seconds:.0f} s\n"
+        )
+    else:
+        names = {v.name for v in variants}
+        ids = {it.id for it in items}
+        present = {(r["item_id"], r["variant"]) for r in _rows_of(out)}
+        have = sum(1 for iid, name in present if iid in ids and name in names)
+        print(
+            f"AdaSpark {__version__} eval, shard {shard}: {len(shard_items(items, shard))} of {len(items)} "
+            f"items x {len(variants)} variants in {seconds:.0f} s; {out / 'results.jsonl'} holds {have} of "
+            f"the run's {len(items) * len(variants)} answers (the table covers them)\n"
+        )
     print(_overall_table(out))
     names = ["results.jsonl", "summary.csv", "summary.md"] + (
         [] if args.no_plot else ["accuracy_vs_flops.png"]

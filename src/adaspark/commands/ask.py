@@ -32,7 +32,7 @@ from adaspark.commands.errors import UsageError, fail
 __all__ = ["DEFAULT_FRAMES", "DEFAULT_P", "add_parser", "format_result", "run"]
 
 #: the AdaSparkConfig fields ask takes as flags (--p, --cube, ...)
-CONFIG_FLAGS = ("p", "cube", "policy", "backend", "granularity")
+CONFIG_FLAGS = ("p", "cube", "policy", "backend", "granularity", "cost_model")
 #: p of the AdaSpark run unless --p says otherwise
 DEFAULT_P = 0.5
 #: frames of the generated sample (256 temporal patches, 4096 video tokens)

@@ -37,7 +37,7 @@ from adaspark.commands.common import (
 from adaspark.commands.errors import UsageError, fail
 
 #: the AdaSparkConfig fields eval takes as flags (the base of every variant)
-CONFIG_FLAGS = ("backend", "granularity", "cube")
+CONFIG_FLAGS = ("backend", "granularity", "cube", "cost_model")
 
 __all__ = ["DEFAULT_LENGTHS", "DEFAULT_PS", "add_parser", "make_answer_fn", "run"]
 

@@ -5,7 +5,8 @@ from ``<cache>/attention_costs.json`` (``<cache>`` = :func:`cache_dir`) and writ
 call shape is measured (a second or so, once per machine, dtype, head shape, granularity, kernel and
 thread count). Entries are keyed by a fingerprint of the machine (CPU model and instruction set,
 core count, PyTorch version), so a cache directory shared between machines never mixes their
-figures. ``ADASPARK_COSTS=0`` keeps the fits in memory only.
+figures; a fit is measured under a file lock, so processes starting together (eval shards) measure
+once and share it. ``ADASPARK_COSTS=0`` keeps the fits in memory only.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from filelock import FileLock
 
 from adaspark.core.io import atomic_write_json
-from adaspark.ops.attention.cost import CostFit, CostModel
+from adaspark.ops.attention.cost import CostFit, CostModel, measure_costs
 
 __all__ = ["cache_dir", "cost_model", "costs_path", "machine_fingerprint"]
 
@@ -85,14 +86,24 @@ def cost_model(*, persist: bool | None = None) -> CostModel:
         except TypeError:  # another layout: measure again
             return None
 
-    def save(key: tuple, f: CostFit) -> None:
+    def measure(**kw) -> CostFit:
+        # under the file lock: concurrent processes (eval shards) measure once and share the fit
+        key = CostModel.key(**kw)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(path) + ".lock", timeout=30):
+            with FileLock(str(path) + ".lock", timeout=600):
                 data = _read(path)
+                entry = data.get(_entry(key))
+                if isinstance(entry, dict):
+                    try:
+                        return CostFit(**entry)
+                    except TypeError:
+                        pass
+                f = measure_costs(**kw)
                 data[_entry(key)] = f.to_dict()
                 atomic_write_json(path, data)
-        except OSError:  # a read-only cache: the fit stays in memory
-            pass
+                return f
+        except OSError:  # a read-only cache: measure, keep the fit in memory
+            return measure_costs(**kw)
 
-    return CostModel(load=load, on_new_fit=save)
+    return CostModel(load=load, measure=measure)

@@ -396,11 +396,9 @@ class _State:
         if fwd.offset and not fwd.ran_sparse:
             self.sparse_decode_steps += 1
         fwd.ran_sparse = True
-        return self._sparse(q, k, v, cube_ids, key_valid, scaling, st, mk, index, want_weights, site=li)
+        return self._sparse(q, k, v, cube_ids, key_valid, scaling, st, mk, index, want_weights)
 
-    def _sparse(
-        self, q, k, v, cube_ids, key_valid, scaling, st, mk=None, index=None, want_weights=False, site=None
-    ):
+    def _sparse(self, q, k, v, cube_ids, key_valid, scaling, st, mk=None, index=None, want_weights=False):
         cfg = self.config
         if want_weights:
             # inspection: the reference path, and the probabilities of what it attended
@@ -433,7 +431,6 @@ class _State:
             granularity=cfg.granularity,
             dense_fallback=cfg.dense_fallback,
             cost_model=self.cost_model,
-            cost_site=site,
             flex_min_tokens=cfg.flex_min_tokens,
             decode_gather_fraction=cfg.decode_gather_fraction,
             blocked_dense_fraction=cfg.blocked_dense_fraction,

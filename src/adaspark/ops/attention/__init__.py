@@ -180,7 +180,6 @@ def cube_sparse_attention(
     decode_gather_fraction: float = GATHER_FRACTION,
     blocked_dense_fraction: float = DENSE_BLOCK_FRACTION,
     cost_model: CostModel | None = None,
-    cost_site=None,
 ) -> torch.Tensor:
     """Adaptive cube-selective causal attention (AdaS-Attn).
 
@@ -265,7 +264,7 @@ def cube_sparse_attention(
         )
     if cost_model is not None and name in BLOCK_KERNELS and nq == nk:
         return _cost_decided(
-            q, k, v, cube_ids, p, name, cost_model, cost_site,
+            q, k, v, cube_ids, p, name, cost_model,
             policy=policy, scale=scale, key_mask=key_mask, mean_keys=mean_keys, index=index,
             granularity=granularity, stats=stats, block=query_block or _BLOCK_SIZES[name],
         )  # fmt: skip
@@ -304,7 +303,7 @@ def cube_sparse_attention(
     )
 
 
-def _cost_decided(q, k, v, cube_ids, p, name, cost_model, site, *, stats, block, **kw) -> torch.Tensor:
+def _cost_decided(q, k, v, cube_ids, p, name, cost_model, *, stats, block, **kw) -> torch.Tensor:
     """A prefill through block kernel ``name``, or dense where ``cost_model`` says sparse would not pay."""
     inputs = prepare_inputs(q, k, v, cube_ids, p, **kw)
     key = CostModel.key(
@@ -315,12 +314,12 @@ def _cost_decided(q, k, v, cube_ids, p, name, cost_model, site, *, stats, block,
     cubes = max(inputs.index.max_cubes, 1)
     shape = {"hq": inputs.hq, "d": inputs.d}
     dense = {"scale": inputs.scale, "key_mask": kw.get("key_mask"), "stats": stats}
-    if cost_model.before(key, pairs=pairs, nq=inputs.bsz * inputs.nq, cubes=cubes, site=site, **shape):
+    if cost_model.before(key, pairs=pairs, nq=inputs.bsz * inputs.nq, cubes=cubes, **shape):
         if stats is not None:
             stats.dense_fallbacks += 1
         return dense_causal_attention(q, k, v, **dense)
     plan = plan_blocks(q, inputs, block=block, stats=stats)
-    if cost_model.after(key, pairs=pairs, executed=plan.executed, site=site, **shape):
+    if cost_model.after(key, pairs=pairs, executed=plan.executed, **shape):
         if stats is not None:
             stats.dense_fallbacks += 1
         return dense_causal_attention(q, k, v, **dense)

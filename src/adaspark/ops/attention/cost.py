@@ -13,11 +13,14 @@ and fits
 :class:`CostModel` holds one fit per (device, dtype, heads, kv heads, head dim, granularity, kernel,
 threads) — measured on first use (a second or two) — and decides per call:
 
-1. **before selecting** (:meth:`CostModel.before`): dense if even a free kernel would not beat
-   dense after the selection's own cost, or if the last calls at the same site (a layer) kept so
-   much that the kernel did not pay (re-checked every :data:`REPROBE` calls);
+1. **before selecting** (:meth:`CostModel.before`): dense if the selection and the kernel's fixed
+   cost alone would not stay below :data:`MARGIN` × dense (short inputs: nothing is selected, so
+   nothing is paid for);
 2. **after selecting** (:meth:`CostModel.after`): dense if the plan's kernel time is not below
    :data:`MARGIN` × dense (the selection is spent either way).
+
+Decisions are a function of the fit and the call alone (no history), so a run is reproducible on a
+machine whose fits are cached, whatever ran before.
 
 Pure tensor code: caching fits on disk is the caller's (``adaspark.core.calibration``).
 """
@@ -32,13 +35,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MARGIN", "REPROBE", "CostFit", "CostModel", "measure_costs"]
+__all__ = ["MARGIN", "CostFit", "CostModel", "measure_costs"]
 
 #: the sparse kernel runs only if its predicted time is below this fraction of dense (noise margin)
 MARGIN = 0.9
-#: a site whose last call ran dense because the kernel would not pay skips the selection for this
-#: many calls, then selects again (the input may have changed)
-REPROBE = 8
 #: lengths (tokens) the fit is measured at
 CALIBRATION_LENGTHS = (1024, 2048)
 
@@ -158,12 +158,6 @@ def measure_costs(
 
 
 @dataclass
-class _Site:
-    fraction: float = 1.0  # executed fraction of the last selection at this site
-    skips: int = 0  # calls left before the site selects again
-
-
-@dataclass
 class CostModel:
     """Per-call dense-or-sparse decisions from measured :class:`CostFit` s (see the module docstring).
 
@@ -177,14 +171,12 @@ class CostModel:
     load: Callable[[tuple], CostFit | None] | None = None
     on_new_fit: Callable[[tuple, CostFit], None] | None = None
     margin: float = MARGIN
-    reprobe: int = REPROBE
     decisions: dict[str, int] = field(
         default_factory=lambda: {"dense-before": 0, "dense-after": 0, "sparse": 0}
     )
-    _sites: dict = field(default_factory=dict, repr=False)
 
     @staticmethod
-    def key(*, hq, hkv, d, dtype, device, granularity, kernel) -> tuple:
+    def key(*, hq, hkv, d, dtype, device, granularity, kernel, **_) -> tuple:
         dev = torch.device(device)
         return (
             dev.type,
@@ -213,28 +205,19 @@ class CostModel:
                 self.on_new_fit(key, f)
         return f
 
-    def before(self, key: tuple, *, pairs: float, nq: int, cubes: int, hq: int, d: int, site=None) -> bool:
+    def before(self, key: tuple, *, pairs: float, nq: int, cubes: int, hq: int, d: int) -> bool:
         """``True``: run dense without selecting."""
         f = self.fit(key)
-        dense = f.dense_time(pairs, hq, d)
-        if f.select_time(nq, cubes, hq, d) + f.kernel_fixed >= self.margin * dense:
+        go_dense = f.select_time(nq, cubes, hq, d) + f.kernel_fixed >= self.margin * f.dense_time(
+            pairs, hq, d
+        )
+        if go_dense:
             self.decisions["dense-before"] += 1
-            return True
-        s = self._sites.get(site) if site is not None else None
-        if s is not None and s.skips > 0:
-            s.skips -= 1
-            self.decisions["dense-before"] += 1
-            return True
-        return False
+        return go_dense
 
-    def after(self, key: tuple, *, pairs: float, executed: float, hq: int, d: int, site=None) -> bool:
+    def after(self, key: tuple, *, pairs: float, executed: float, hq: int, d: int) -> bool:
         """``True``: the plan's kernel would not pay, run dense."""
         f = self.fit(key)
-        dense = f.dense_time(pairs, hq, d)
-        go_dense = f.kernel_time(executed, d) >= self.margin * dense
-        if site is not None:
-            s = self._sites.setdefault(site, _Site())
-            s.fraction = executed / max(pairs * hq, 1.0)
-            s.skips = self.reprobe if go_dense else 0
+        go_dense = f.kernel_time(executed, d) >= self.margin * f.dense_time(pairs, hq, d)
         self.decisions["dense-after" if go_dense else "sparse"] += 1
         return go_dense

@@ -23,6 +23,7 @@ candidates. Selection is computed in float32 and is not differentiated.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -139,6 +140,10 @@ def cube_unit_probs(
     vq, qc = _video_queries(cube_ids_b, qvalid_b, q_offset)
     cids = torch.arange(c, device=dev)
     mkt = mean_keys_b.transpose(-1, -2)
+    # finite inputs whose products cannot overflow give finite scores: no NaN checks needed
+    qmax = float(q_b.detach().abs().amax()) if q_b.numel() else 0.0
+    kmax = float(mean_keys_b.abs().amax()) if mean_keys_b.numel() else 0.0
+    finite = math.isfinite(qmax) and math.isfinite(kmax) and qmax * kmax * d * abs(scale) < 1e37
     for s in range(0, vq.numel(), CUBE_SCORE_CHUNK):
         idx = vq[s : s + CUBE_SCORE_CHUNK]
         n = idx.numel()
@@ -147,14 +152,20 @@ def cube_unit_probs(
         cand = (first_pos_b[None, :] <= pos[:, None]) & (cids[None, :] != own[:, None])  # [n, C]
         qf = q_b.index_select(1, idx).reshape(hkv, g * n, d).float()
         scores = torch.matmul(qf, mkt).view(hq, n, c) * scale
-        ok = cand[None] & ~torch.isnan(scores)
-        # one fused softmax; the rare rows it cannot take (no candidate, +inf scores) are redone
-        probs = torch.softmax(scores.masked_fill_(~ok, float("-inf")), dim=-1)
-        bad = torch.isnan(probs).any(-1)
-        if bool(bad.any()):
-            probs[bad] = masked_softmax(scores[bad], ok[bad])
-        acc.index_add_(1, own, probs)
         has = cand.any(-1)
+        if finite:
+            # one fused softmax; rows without a candidate (all -inf: NaN) are zero
+            probs = torch.softmax(scores.masked_fill_(~cand[None], float("-inf")), dim=-1)
+            if not bool(has.all()):
+                probs[:, ~has] = 0.0
+        else:
+            ok = cand[None] & ~torch.isnan(scores)
+            # one fused softmax; the rare rows it cannot take (no candidate, +inf scores) are redone
+            probs = torch.softmax(scores.masked_fill_(~ok, float("-inf")), dim=-1)
+            bad = torch.isnan(probs).any(-1)
+            if bool(bad.any()):
+                probs[bad] = masked_softmax(scores[bad], ok[bad])
+        acc.index_add_(1, own, probs)
         n_sel.index_add_(0, own, has.long())
         last.scatter_reduce_(0, own, pos, reduce="amax", include_self=True)
     ucand = (first_pos_b[None, :] <= last[:, None]) & (cids[None, :] != cids[:, None]) & (last[:, None] >= 0)

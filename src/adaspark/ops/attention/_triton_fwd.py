@@ -41,7 +41,7 @@ def block_sparse_attention_fwd(
     qb = nQ - 1 - tl.program_id(0)  # the longest rows (last query blocks) first
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
-    h = bh % Hq
+    h = (bh % Hq).to(tl.int64)
     kvh = h // G
     offs_m = qb * BLOCK + tl.arange(0, BLOCK)
     offs_n = tl.arange(0, BLOCK)

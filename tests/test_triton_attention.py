@@ -95,6 +95,15 @@ def test_auto_picks_triton_on_cuda_prefill_only(monkeypatch):
     assert resolve_attention_backend("auto", cuda, torch.bfloat16, num_tokens=8192) == "flex"
 
 
+def test_every_attention_backend_has_an_ffn_path():
+    """A config's ``backend`` also names the FFN path: every attention backend must map to one."""
+    from adaspark.ops.attention import ATTENTION_BACKENDS
+    from adaspark.ops.ffn import resolve_ffn_backend
+
+    for name in ("auto", *ATTENTION_BACKENDS):
+        assert resolve_ffn_backend(name) == ("reference" if name == "reference" else "gathered"), name
+
+
 def test_cpu_without_the_interpreter_raises_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not triton_available("cpu")

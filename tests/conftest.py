@@ -56,6 +56,14 @@ def nan_empty(monkeypatch):
     yield rec
 
 
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """Triton's interpreter for CPU tensors (how the ``triton`` backend runs without a GPU), for
+    this test only; skips when triton is not installed."""
+    pytest.importorskip("triton", reason="triton is not installed (pip install 'adaspark[triton]')")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
 def make_cube_ids(
     bsz: int, n: int, videos: list[list[tuple[int, tuple[int, int, int], tuple[int, int, int]]]]
 ):

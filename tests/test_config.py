@@ -38,7 +38,7 @@ def test_defaults_and_overrides():
         ("ratio", 0.0),
         ("min_cubes", -1),
         ("max_cubes", 0),
-        ("backend", "triton"),
+        ("backend", "cutlass"),
         ("query_block", 0),
         ("sparse_attn", 1),
         ("flex_min_tokens", -1),

@@ -421,11 +421,12 @@ def _attend(backend: str, q, k, v, case: AttentionCase, granularity: str, **kw):
 
 
 #: (backend, granularity) of every path but ``flex``, which compiles per shape, so random shapes
-#: would recompile on every example (minutes on CPU); its own tests cover it on fixed shapes
+#: would recompile on every example (minutes on CPU), and ``triton``, which runs on CPU only in
+#: Triton's (slow) interpreter; their own tests cover them on fixed awkward shapes
 FAST = [
     (name, gran)
     for name in sorted(ATTENTION_BACKENDS)
-    if name not in ("reference", "flex")
+    if name not in ("reference", "flex", "triton")
     for gran in BACKEND_GRANULARITIES[name]
 ]
 REFERENCE = [("reference", gran) for gran in BACKEND_GRANULARITIES["reference"]]

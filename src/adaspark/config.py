@@ -24,7 +24,7 @@ from adaspark.ops.ffn import SUM_CHUNK
 from adaspark.ops.selection import SelectionPolicy
 
 Policy = Literal["top_p", "top_k", "ratio"]
-Backend = Literal["auto", "reference", "blocked", "decode", "gather", "flex", "native"]
+Backend = Literal["auto", "reference", "blocked", "decode", "gather", "flex", "native", "triton"]
 Granularity = Literal["token", "cube"]
 
 POLICIES: tuple[str, ...] = ("top_p", "top_k", "ratio")
@@ -95,8 +95,10 @@ class AdaSparkConfig:
             ``"gather"`` (cube-major blocks, kept key blocks gathered per GQA group), ``"flex"``
             (compiled ``flex_attention`` with a block mask from the selection; prefill),
             ``"native"`` (the C++ block-sparse kernel for the CPU, built on first use; no
-            gradients) or ``"auto"`` (picks the efficient path for the device, dtype and call:
-            native on CPU when it builds and no gradient is needed, flex for long prefills on CUDA,
+            gradients), ``"triton"`` (the Triton block-sparse kernel for CUDA; needs
+            ``adaspark[triton]``; no gradients) or ``"auto"`` (picks the efficient path for the
+            device, dtype and call: native on CPU when it builds and no gradient is needed, triton
+            for prefills on CUDA when installed, else flex for long prefills on CUDA,
             gather otherwise, decode for new tokens, dense SDPA when the policy keeps everything).
             ``blocked`` and ``decode`` select per token, so they need ``granularity="token"`` (the
             pair is checked here, naming both fields).

@@ -9,11 +9,16 @@ Backends (all exact: same mask as the reference, errors within 2× PyTorch's own
   its group keeps are gathered; one SDPA call with the group's heads stacked;
 * ``gather`` – cube-major blocks, kept key blocks gathered per GQA group, one SDPA per block;
 * ``flex`` – compiled ``flex_attention`` with a ``BlockMask`` from the selection (prefill);
+* ``native`` – the C++ block-sparse loop for the CPU (:mod:`.native`);
+* ``triton`` – the Triton block-sparse program for CUDA (:mod:`.triton_kernel`; CPU tensors only in
+  Triton's interpreter, ``TRITON_INTERPRET=1``; ``pip install 'adaspark[triton]'``);
 * ``auto`` – dense SDPA when the policy keeps everything (only ``auto`` takes this short cut: a
   backend chosen by name runs its own kernel at ``p = 1`` too), ``decode`` for up to 64 new tokens
   after a cache (``blocked`` for more; ``gather`` for video queries at cube granularity),
-  ``flex`` for prefill from ``flex_min_tokens`` (:data:`FLEX_MIN_TOKENS`, 4096) tokens on CUDA and
-  on CPU (bfloat16, float32) when a C++ compiler is there, ``gather`` otherwise. (The gather loop
+  ``native`` for prefill on CPU when it builds, ``triton`` for prefill on CUDA when triton is
+  installed (no gradients), else ``flex`` for prefill from ``flex_min_tokens``
+  (:data:`FLEX_MIN_TOKENS`, 4096) tokens on CUDA and on CPU (bfloat16, float32) when a C++ compiler
+  is there, ``gather`` otherwise. (The gather loop
   was meant for float32 on CPU; flex is preferred there too. No results file backs that comparison:
   ``benchmarks/attention_speed.py --backends gather flex`` measures it.)
 
@@ -54,6 +59,12 @@ from adaspark.ops.attention.reference import (
     reference_attention_mask,
     reference_cube_keep,
 )
+from adaspark.ops.attention.triton_kernel import (
+    TRITON_BLOCK,
+    cube_sparse_attention_triton,
+    triton_available,
+    triton_kernel,
+)
 from adaspark.ops.cubes import CubeIndex
 from adaspark.ops.selection import SelectionPolicy, as_policy
 
@@ -77,6 +88,7 @@ __all__ = [
     "cube_sparse_attention_flex",
     "cube_sparse_attention_gather",
     "cube_sparse_attention_reference",
+    "cube_sparse_attention_triton",
     "dense_causal_attention",
     "plan_blocks",
     "prepare_inputs",
@@ -97,12 +109,18 @@ ATTENTION_BACKENDS = {
     "gather": cube_sparse_attention_gather,
     "flex": cube_sparse_attention_flex,
     "native": cube_sparse_attention_native,
+    "triton": cube_sparse_attention_triton,
 }
 
 #: the kernels of the block backends, for :func:`~adaspark.ops.attention.blocks.run_blocks`
-BLOCK_KERNELS = {"gather": gather_kernel, "flex": flex_kernel, "native": native_kernel}
+BLOCK_KERNELS = {
+    "gather": gather_kernel,
+    "flex": flex_kernel,
+    "native": native_kernel,
+    "triton": triton_kernel,
+}
 #: the default block size of each block backend
-_BLOCK_SIZES = {"gather": GATHER_BLOCK, "flex": FLEX_BLOCK, "native": NATIVE_BLOCK}
+_BLOCK_SIZES = {"gather": GATHER_BLOCK, "flex": FLEX_BLOCK, "native": NATIVE_BLOCK, "triton": TRITON_BLOCK}
 
 #: the selection granularities each backend implements for video queries. ``blocked`` and
 #: ``decode`` select per token; they accept ``granularity="cube"`` only for calls without video
@@ -115,6 +133,7 @@ BACKEND_GRANULARITIES: dict[str, tuple[str, ...]] = {
     "gather": GRANULARITIES,
     "flex": GRANULARITIES,
     "native": GRANULARITIES,
+    "triton": GRANULARITIES,
 }
 
 
@@ -134,9 +153,10 @@ def resolve_attention_backend(
     """The concrete backend ``"auto"`` stands for on this device/dtype and call shape.
 
     On CPU, ``native`` (the C++ kernel) for prefill and for chunks with video queries whenever it
-    can be built and no gradient is needed; otherwise flex (CUDA, or CPU with a compiler) from
-    ``flex_min_tokens`` (:data:`FLEX_MIN_TOKENS`) tokens on — below that, its compile time (seconds
-    per new shape) is not paid back — and gather below.
+    can be built and no gradient is needed; on CUDA, ``triton`` for prefill when triton is
+    installed and no gradient is needed (never on CPU: there it would run interpreted); otherwise
+    flex (CUDA, or CPU with a compiler) from ``flex_min_tokens`` (:data:`FLEX_MIN_TOKENS`) tokens
+    on — below that, its compile time (seconds per new shape) is not paid back — and gather below.
     """
     if backend != "auto":
         if backend not in ATTENTION_BACKENDS:
@@ -153,6 +173,8 @@ def resolve_attention_backend(
         return "decode" if num_queries <= DECODE_MAX_QUERIES else "blocked"
     if native:
         return "native"
+    if dev.type == "cuda" and not needs_grad and triton_available(dev):
+        return "triton"
     cpu_ok = dev.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
     if (dev.type == "cuda" or cpu_ok) and num_tokens >= flex_min_tokens and flex_available(dev):
         return "flex"

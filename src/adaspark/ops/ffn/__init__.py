@@ -28,9 +28,9 @@ FFN_BACKENDS = {"reference": cube_sparse_ffn_reference, "gathered": cube_sparse_
 
 
 def resolve_ffn_backend(backend: str) -> str:
-    """Map a config backend name (``auto``/``reference``/``blocked``/``gather``/``flex``/``gathered``)
-    to an FFN path: every efficient attention backend pairs with the gathered FFN."""
-    if backend in ("auto", "blocked", "decode", "gather", "flex", "gathered"):
+    """Map a config backend name (``auto``, ``reference``, an efficient attention backend, or
+    ``gathered``) to an FFN path: every efficient attention backend pairs with the gathered FFN."""
+    if backend in ("auto", "blocked", "decode", "gather", "flex", "native", "triton", "gathered"):
         return "gathered"
     if backend == "reference":
         return "reference"

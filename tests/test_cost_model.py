@@ -20,8 +20,24 @@ from test_attention import CASES, make_case
 CHEAP_SPARSE = CostFit(dense=1.0, select_fixed=0.0, select=0.0, kernel_fixed=0.0, kernel=1e-9)
 #: a selection that costs more than any dense call
 DEAR_SELECT = CostFit(dense=1e-12, select_fixed=10.0, select=0.0, kernel_fixed=0.0, kernel=1e-12)
-#: a free selection, but a kernel slower per entry than dense per pair
+#: a free selection, but a kernel slower per entry than dense per pair: even the estimate does not pay
 SLOW_KERNEL = CostFit(dense=1e-9, select_fixed=0.0, select=0.0, kernel_fixed=0.0, kernel=1.0)
+
+
+def _between_fit(q, k, v, ids, km) -> CostFit:
+    """A kernel fast enough for the pre-selection estimate, too slow for the real plan."""
+    from adaspark.ops.attention import plan_blocks, prepare_inputs
+    from adaspark.ops.attention.common import causal_valid_pairs
+    from adaspark.ops.attention.cost import estimate_executed
+
+    inp = prepare_inputs(q, k, v, ids, 0.5, key_mask=km, granularity="cube")
+    est = estimate_executed(q, inp)
+    executed = plan_blocks(q, inp, block=64).executed
+    assert est < executed  # the estimate keeps no more than the selection
+    pairs = float(causal_valid_pairs(inp.key_mask, inp.nq).sum())
+    dense = 1e-9
+    kernel = 0.9 * dense * pairs * inp.hq / (est * executed) ** 0.5
+    return CostFit(dense=dense, select_fixed=0.0, select=0.0, kernel_fixed=0.0, kernel=kernel)
 
 
 def _model(fit: CostFit) -> tuple[CostModel, list]:
@@ -36,10 +52,17 @@ def _model(fit: CostFit) -> tuple[CostModel, list]:
 
 @pytest.mark.parametrize(
     ("fit", "decision"),
-    [(CHEAP_SPARSE, "sparse"), (DEAR_SELECT, "dense-before"), (SLOW_KERNEL, "dense-after")],
+    [
+        (CHEAP_SPARSE, "sparse"),
+        (DEAR_SELECT, "dense-before"),
+        (SLOW_KERNEL, "dense-before"),
+        ("between", "dense-after"),
+    ],
 )
 def test_the_dispatcher_follows_the_cost_model(fit, decision):
     q, k, v, ids, km = make_case(CASES[4])
+    if fit == "between":
+        fit = _between_fit(q, k, v, ids, km)
     model, measured = _model(fit)
     st = AttentionStats(q.shape[1], q.shape[3])
     out = cube_sparse_attention(
@@ -62,8 +85,7 @@ def test_the_dispatcher_follows_the_cost_model(fit, decision):
 def test_decisions_depend_on_the_call_alone():
     """No history: the same call decides the same way whatever ran before (reproducible runs)."""
     q, k, v, ids, km = make_case(CASES[4])
-    fit = CostFit(dense=1e-9, select_fixed=0.0, select=0.0, kernel_fixed=0.0, kernel=1.2e-9)
-    model, _ = _model(fit)
+    model, _ = _model(_between_fit(q, k, v, ids, km))
     first = cube_sparse_attention(q, k, v, ids, 0.5, key_mask=km, backend="gather", cost_model=model)
     after = dict(model.decisions)
     for p in (0.05, 1.0, 0.5):

@@ -43,7 +43,7 @@ from adaspark.ops.attention.common import (
     check_granularity,
     prepare_inputs,
 )
-from adaspark.ops.attention.cost import CostFit, CostModel
+from adaspark.ops.attention.cost import CostFit, CostModel, estimate_executed
 from adaspark.ops.attention.decode import DECODE_MAX_QUERIES, GATHER_FRACTION, cube_sparse_attention_decode
 from adaspark.ops.attention.dense import dense_causal_attention
 from adaspark.ops.attention.flex import FLEX_BLOCK, cube_sparse_attention_flex, flex_available, flex_kernel
@@ -336,7 +336,10 @@ def _cost_decided(q, k, v, cube_ids, p, name, cost_model, *, stats, block, **kw)
     cubes = max(inputs.index.max_cubes, 1)
     shape = {"hq": inputs.hq, "d": inputs.d}
     dense = {"scale": inputs.scale, "key_mask": kw.get("key_mask"), "stats": stats}
-    if cost_model.before(key, pairs=pairs, nq=inputs.bsz * inputs.nq, cubes=cubes, **shape):
+    estimate = estimate_executed(q, inputs)
+    if cost_model.before(
+        key, pairs=pairs, nq=inputs.bsz * inputs.nq, cubes=cubes, estimate=estimate, **shape
+    ):
         if stats is not None:
             stats.dense_fallbacks += 1
         return dense_causal_attention(q, k, v, **dense)

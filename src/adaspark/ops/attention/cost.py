@@ -13,9 +13,12 @@ and fits
 :class:`CostModel` holds one fit per (device, dtype, heads, kv heads, head dim, granularity, kernel,
 threads) — measured on first use (a second or two) — and decides per call:
 
-1. **before selecting** (:meth:`CostModel.before`): dense if the selection and the kernel's fixed
-   cost alone would not stay below :data:`MARGIN` × dense (short inputs: nothing is selected, so
-   nothing is paid for);
+1. **before selecting** (:meth:`CostModel.before`): dense if the selection plus the kernel on an
+   *estimate* of what it would keep would not stay below :data:`MARGIN` × dense. The estimate
+   (:func:`estimate_executed`) runs the policy on each cube's mean query against the cube mean keys
+   — ``C × C`` scores instead of ``N × C`` — whose distributions are sharper than the averages the
+   selection uses, so it keeps no more than the selection does: a layer goes dense here only when
+   even that would not pay (short inputs, broad attention), and nothing is selected for it;
 2. **after selecting** (:meth:`CostModel.after`): dense if the plan's kernel time is not below
    :data:`MARGIN` × dense (the selection is spent either way).
 
@@ -35,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MARGIN", "CostFit", "CostModel", "measure_costs"]
+__all__ = ["MARGIN", "CostFit", "CostModel", "estimate_executed", "measure_costs"]
 
 #: the sparse kernel runs only if its predicted time is below this fraction of dense (noise margin)
 MARGIN = 0.9
@@ -64,6 +67,43 @@ class CostFit:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@torch.no_grad()
+def estimate_executed(q: torch.Tensor, inputs) -> float:
+    """Score entries a block kernel would compute for a prefill, estimated before selecting.
+
+    Each cube's mean query (per head) is scored against the cube mean keys of its candidates (the
+    other cubes that start before it ends) and the call's policy keeps a set; the estimate counts
+    every pair that is not a (video query, candidate cube) pair — text, own cube — plus the kept
+    candidate pairs, with each cube's queries seeing each kept cube whole. ``inputs`` is the call's
+    :class:`~adaspark.ops.attention.common.AttentionInputs` (with its mean keys).
+    """
+    from adaspark.ops.attention.common import causal_valid_pairs
+    from adaspark.ops.cubes import cube_mean_keys
+    from adaspark.ops.selection import keep_from_probs, masked_softmax
+
+    idx = inputs.index
+    total = float(causal_valid_pairs(inputs.key_mask, inputs.nq).sum()) * inputs.hq
+    c = idx.max_cubes
+    if c == 0 or inputs.nq != inputs.nk:
+        return total
+    bsz, hq, hkv, d = inputs.bsz, inputs.hq, inputs.hkv, inputs.d
+    g = hq // hkv
+    qm = cube_mean_keys(q, idx)  # [B, Hq, C, D] mean query of every cube
+    scores = torch.matmul(qm.view(bsz, hkv, g * c, d), inputs.mean_keys.transpose(-1, -2))
+    scores = scores.view(bsz, hq, c, c) * inputs.scale
+    n = idx.counts.to(torch.float32)  # [B, C]
+    last = idx.token_idx.amax(-1)  # [B, C]
+    present = idx.counts > 0
+    cand = (idx.first_pos[:, None, :] <= last[:, :, None]) & present[:, :, None] & present[:, None, :]
+    cand &= ~torch.eye(c, dtype=torch.bool, device=cand.device)[None]
+    probs = masked_softmax(scores, cand[:, None])
+    keep = keep_from_probs(probs, cand[:, None].expand_as(probs), inputs.policy)
+    pair_n = n[:, :, None] * n[:, None, :]  # [B, C, C] (query cube, key cube) token pairs
+    cand_pairs = float((cand * pair_n).sum()) * hq
+    kept_pairs = float((keep * pair_n[:, None]).sum())
+    return max(total - cand_pairs, 0.0) + kept_pairs
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:
@@ -205,12 +245,13 @@ class CostModel:
                 self.on_new_fit(key, f)
         return f
 
-    def before(self, key: tuple, *, pairs: float, nq: int, cubes: int, hq: int, d: int) -> bool:
-        """``True``: run dense without selecting."""
+    def before(
+        self, key: tuple, *, pairs: float, nq: int, cubes: int, hq: int, d: int, estimate: float = 0.0
+    ) -> bool:
+        """``True``: run dense without selecting (``estimate``: predicted executed score entries)."""
         f = self.fit(key)
-        go_dense = f.select_time(nq, cubes, hq, d) + f.kernel_fixed >= self.margin * f.dense_time(
-            pairs, hq, d
-        )
+        cost = f.select_time(nq, cubes, hq, d) + f.kernel_time(estimate, d)
+        go_dense = cost >= self.margin * f.dense_time(pairs, hq, d)
         if go_dense:
             self.decisions["dense-before"] += 1
         return go_dense

@@ -43,7 +43,7 @@ __all__ = ["MARGIN", "CostFit", "CostModel", "estimate_executed", "measure_costs
 #: the sparse kernel runs only if its predicted time is below this fraction of dense (noise margin)
 MARGIN = 0.9
 #: lengths (tokens) the fit is measured at
-CALIBRATION_LENGTHS = (1024, 2048)
+CALIBRATION_LENGTHS = (2048, 4096)
 
 
 @dataclass(frozen=True)

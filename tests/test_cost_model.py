@@ -115,7 +115,7 @@ def test_fits_are_cached_on_disk_per_machine(tmp_path, monkeypatch):
     assert model.fit(key) == CHEAP_SPARSE and len(measured) == 1
     data = json.loads(calibration.costs_path().read_text())
     (entry,) = data
-    assert entry.startswith(calibration.machine_fingerprint("cpu"))
+    assert entry.startswith(f"v{calibration.COSTS_VERSION}|" + calibration.machine_fingerprint("cpu"))
     assert torch.backends.cpu.get_cpu_capability() in entry
     # a new process (a new model) reads the fit instead of measuring again
     again = calibration.cost_model()

@@ -25,6 +25,8 @@ from adaspark.ops.attention.cost import CostFit, CostModel, measure_costs
 __all__ = ["cache_dir", "cost_model", "costs_path", "machine_fingerprint"]
 
 COSTS_FILE = "attention_costs.json"
+#: bumped when the measurement changes: entries of other versions are measured again
+COSTS_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -56,7 +58,7 @@ def machine_fingerprint(device: str = "cpu") -> str:
 
 
 def _entry(key: tuple) -> str:
-    return f"{machine_fingerprint(key[0])}|" + "|".join(str(x) for x in key)
+    return f"v{COSTS_VERSION}|{machine_fingerprint(key[0])}|" + "|".join(str(x) for x in key)
 
 
 def _read(path: Path) -> dict:

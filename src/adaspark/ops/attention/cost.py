@@ -17,8 +17,9 @@ threads) — measured on first use (a second or two) — and decides per call:
    *estimate* of what it would keep would not stay below :data:`MARGIN` × dense. The estimate
    (:func:`estimate_executed`) runs the policy on each cube's mean query against the cube mean keys
    — ``C × C`` scores instead of ``N × C`` — whose distributions are sharper than the averages the
-   selection uses, so it keeps no more than the selection does: a layer goes dense here only when
-   even that would not pay (short inputs, broad attention), and nothing is selected for it;
+   selection uses, so it keeps less than the selection does; it is scaled by the ratio measured on
+   the calibration inputs (``CostFit.estimate_ratio``, at least 1). A layer that goes dense here
+   selects nothing, so pays nothing for it (short inputs, broad attention);
 2. **after selecting** (:meth:`CostModel.after`): dense if the plan's kernel time is not below
    :data:`MARGIN` × dense (the selection is spent either way).
 
@@ -55,6 +56,8 @@ class CostFit:
     select: float
     kernel_fixed: float
     kernel: float
+    #: what the selection executes over :func:`estimate_executed`'s estimate, on the calibration inputs
+    estimate_ratio: float = 1.0
 
     def dense_time(self, pairs: float, hq: int, d: int) -> float:
         return self.dense * pairs * hq * d
@@ -166,12 +169,16 @@ def measure_costs(
     block, run = _BLOCK_SIZES[kernel], BLOCK_KERNELS[kernel]
     gqa = hq != hkv
 
+    ratios = []
+
     def sparse_times(n: int, p: float):
         q, k, v, ids = _synthetic(n, hq, hkv, d, dtype, device)
         inp = prepare_inputs(q, k, v, ids, p, granularity=granularity)
         ts = _median_time(lambda: plan_blocks(q, inp, block=block), repeats)
         plan = plan_blocks(q, inp, block=block)
         tk = _median_time(lambda: run_blocks(q, k, v, plan, kernel=run), repeats)
+        if n:
+            ratios.append(plan.executed / max(estimate_executed(q, inp), 1.0))
         return ids.shape[1], int(ids.max()) + 1, plan.executed, ts, tk
 
     _n0, _c0, _e0, select_fixed, kernel_fixed = sparse_times(0, 0.5)  # the tiny input: one cube
@@ -194,6 +201,7 @@ def measure_costs(
         select=statistics.median(sel_pts),
         kernel_fixed=kernel_fixed,
         kernel=statistics.median(ker_pts),
+        estimate_ratio=max(1.0, statistics.median(ratios)),
     )
 
 
@@ -250,7 +258,7 @@ class CostModel:
     ) -> bool:
         """``True``: run dense without selecting (``estimate``: predicted executed score entries)."""
         f = self.fit(key)
-        cost = f.select_time(nq, cubes, hq, d) + f.kernel_time(estimate, d)
+        cost = f.select_time(nq, cubes, hq, d) + f.kernel_time(estimate * f.estimate_ratio, d)
         go_dense = cost >= self.margin * f.dense_time(pairs, hq, d)
         if go_dense:
             self.decisions["dense-before"] += 1

@@ -336,7 +336,7 @@ def _cost_decided(q, k, v, cube_ids, p, name, cost_model, *, stats, block, **kw)
     cubes = max(inputs.index.max_cubes, 1)
     shape = {"hq": inputs.hq, "d": inputs.d}
     dense = {"scale": inputs.scale, "key_mask": kw.get("key_mask"), "stats": stats}
-    estimate = estimate_executed(q, inputs)
+    estimate = estimate_executed(q, inputs, pairs)
     if cost_model.before(
         key, pairs=pairs, nq=inputs.bsz * inputs.nq, cubes=cubes, estimate=estimate, **shape
     ):

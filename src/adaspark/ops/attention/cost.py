@@ -73,21 +73,24 @@ class CostFit:
 
 
 @torch.no_grad()
-def estimate_executed(q: torch.Tensor, inputs) -> float:
+def estimate_executed(q: torch.Tensor, inputs, pairs: float | None = None) -> float:
     """Score entries a block kernel would compute for a prefill, estimated before selecting.
 
     Each cube's mean query (per head) is scored against the cube mean keys of its candidates (the
     other cubes that start before it ends) and the call's policy keeps a set; the estimate counts
     every pair that is not a (video query, candidate cube) pair — text, own cube — plus the kept
     candidate pairs, with each cube's queries seeing each kept cube whole. ``inputs`` is the call's
-    :class:`~adaspark.ops.attention.common.AttentionInputs` (with its mean keys).
+    :class:`~adaspark.ops.attention.common.AttentionInputs` (with its mean keys); ``pairs``, its
+    causal (valid query, valid key) pairs per head over the batch, if the caller has them.
     """
     from adaspark.ops.attention.common import causal_valid_pairs
     from adaspark.ops.cubes import cube_mean_keys
     from adaspark.ops.selection import keep_from_probs, masked_softmax
 
     idx = inputs.index
-    total = float(causal_valid_pairs(inputs.key_mask, inputs.nq).sum()) * inputs.hq
+    if pairs is None:
+        pairs = float(causal_valid_pairs(inputs.key_mask, inputs.nq).sum())
+    total = pairs * inputs.hq
     c = idx.max_cubes
     if c == 0 or inputs.nq != inputs.nk:
         return total

@@ -68,6 +68,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/smolvl"), help="run directory (resumes from it)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--stage",
+        type=int,
+        default=1,
+        choices=[1, 2],
+        help="1: vision side only, LM frozen; 2: also a LoRA adapter on every LM linear layer",
+    )
+    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--lora-alpha", type=float, default=16.0)
+    ap.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="directory of trained parts (save_trained) to start from when OUT has no checkpoint",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
         "--steps", type=int, default=3000, help="length of the LR schedule (training stops there)"
@@ -215,15 +230,17 @@ class EmbedMap:
 
 # ---------------------------------------------------------------------------------------- model
 class Trainable:
-    """The parameters stage 1 trains: the vision tower + merger, and the new embedding rows.
+    """The parameters trained: the vision tower + merger, the new embedding rows and (stage 2) the LoRA
+    adapters of the language model.
 
     The embedding matrix is shared with the frozen vocabulary (and tied to the LM head), so the new
     rows live in their own parameter ``rows``: after each backward its gradient is read from the
     matrix's gradient, and after each optimiser step the rows are written back into the matrix.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, adapters=()):
         self.model = model
+        self.adapters = list(adapters)
         self.base = model.config.vision_start_token_id
         for p in model.parameters():
             p.requires_grad_(False)
@@ -232,9 +249,13 @@ class Trainable:
         self.emb = model.model.language_model.embed_tokens.weight
         self.emb.requires_grad_(True)
         self.rows = torch.nn.Parameter(self.emb.detach()[self.base :].clone())
+        for a in self.adapters:
+            a.A.requires_grad_(True)
+            a.B.requires_grad_(True)
 
     def params(self):
-        return [*self.model.model.visual.parameters(), self.rows]
+        lora = [p for a in self.adapters for p in (a.A, a.B)]
+        return [*self.model.model.visual.parameters(), self.rows, *lora]
 
     def after_backward(self) -> None:
         self.rows.grad = self.emb.grad[self.base :].clone() if self.emb.grad is not None else None
@@ -302,8 +323,11 @@ def trim_log(path: Path, step: int) -> None:
 def run_info(args, trainable, elapsed: float, step: int) -> dict:
     return {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "stage": 1,
-        "trained": "vision tower + merger + new embedding rows; SmolLM2 frozen",
+        "stage": args.stage,
+        "trained": "vision tower + merger + new embedding rows; SmolLM2 frozen"
+        if args.stage == 1
+        else f"vision tower + merger + new embedding rows + LoRA rank {args.lora_rank} "
+        f"(alpha {args.lora_alpha}) on SmolLM2's {', '.join(sv.LORA_TARGETS)}",
         "trained_parameters": sum(p.numel() for p in trainable.params()),
         "lm": {"wheel": WHEEL_REQUIREMENT, "wheel_sha256": WHEEL_SHA256},
         "vision": asdict(vision_size(args)),
@@ -324,7 +348,7 @@ def run_info(args, trainable, elapsed: float, step: int) -> dict:
 SHIPPED = (sv.TRAINED_FILE, sv.META_FILE, "training_config.json", "training_log.jsonl")
 
 
-def ship(out: Path, dest: Path, step: int) -> None:
+def ship(out: Path, dest: Path, step: int, stage: int) -> None:
     """Copy the trained parts and their logs to ``dest`` and commit that folder (only it) with git."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in SHIPPED:
@@ -343,7 +367,7 @@ def ship(out: Path, dest: Path, step: int) -> None:
             "commit",
             "-q",
             "-m",
-            f"smolvl stage 1: trained parts at step {step}",
+            f"smolvl stage {stage}: trained parts at step {step}",
             "--",
             str(dest.resolve()),
         ],
@@ -393,7 +417,10 @@ def main(argv=None) -> int:
         name = f"eval_{args.eval_split}{'_untrained' if args.untrained else ''}.json"
         atomic_write_json(out / name, rec)
         return 0
-    trainable = Trainable(model)
+    if args.init is not None and not ckpt_path.is_file():
+        sv.load_trained(model, args.init)  # stage 1's result (before any adapter exists)
+    adapters = sv.add_lora(model, args.lora_rank, args.lora_alpha, seed=args.seed) if args.stage == 2 else []
+    trainable = Trainable(model, adapters)
     opt = torch.optim.AdamW(trainable.params(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
     step, elapsed = 0, 0.0
     if ckpt_path.is_file():
@@ -487,7 +514,7 @@ def main(argv=None) -> int:
             if args.ship is not None and (
                 time.monotonic() - last_commit >= 60 * args.commit_every_min or step == args.steps
             ):
-                ship(out, args.ship, step)
+                ship(out, args.ship, step, args.stage)
                 last_commit = time.monotonic()
             t_last = time.perf_counter()
     print(f"done: {step} steps, {elapsed:.0f} s of training", flush=True)

@@ -14,8 +14,14 @@ such an allocation, so a test can assert that the fixture really saw the kernel'
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# The commands' default model is SmolVL (a 135M-parameter LM fetched from PyPI); the suite runs them
+# on the tiny shipped model unless a test names SmolVL (tests/test_smolvl.py does, end to end).
+os.environ["ADASPARK_MODEL"] = "tiny"
 
 
 class PoisonRecorder:

@@ -88,7 +88,7 @@ def test_demo_prints_the_report(demo_run):
     assert err == ""  # --no-progress: nothing on stderr
     for needle in (
         "ask",
-        "needle-qwen2_5_vl (shipped with adaspark)",
+        "needle-qwen2_5_vl (tiny, shipped with adaspark",
         "generated needle-benchmark video test-retrieval-00032f-s0: 32 frames of 112x112",
         "grid (T, H, W) = (16, 8, 8) patches: 256 video tokens",
         "Question  ",

@@ -106,11 +106,7 @@ def _attention_backends():
 
 @pytest.mark.parametrize(
     ("backend", "where"),
-    [
-        pytest.param(b, w)
-        for b in _attention_backends()
-        for w in ("q", "k", "text k", "v", "v inf")
-    ],
+    [pytest.param(b, w) for b in _attention_backends() for w in ("q", "k", "text k", "v", "v inf")],
 )
 def test_nonfinite_inputs_are_never_silently_dropped(backend, where, request):
     if backend == "triton":

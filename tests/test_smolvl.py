@@ -197,6 +197,15 @@ def test_export_loads_with_the_needle_model_loader(tiny, tmp_path):
     kw = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
     with torch.no_grad():
         torch.testing.assert_close(loaded(**kw).logits, model(**kw).logits, rtol=0, atol=1e-6)
+    # the loader's prompt (the commands' path) is the training prompt: options after the question,
+    # the video block written into the text-only chat template
+    assert loaded.config.adaspark_prompt == sv.PROMPT_STYLE
+    options = ["circle", "square", "cross"]
+    want = sv.encode_prompt(ltok, tiny_video(), "what shape ?", options)
+    got = nm.encode_prompt(lm, tiny_video(), "what shape ?", options)
+    for key in ("input_ids", "mm_token_type_ids", "attention_mask"):
+        assert torch.equal(got[key], want[key]), key
+    assert got["unknown_words"] == []  # a word-level tokenizer that knows every word
 
 
 def test_answer_item_scores_the_options(tiny):
@@ -282,6 +291,68 @@ def test_one_training_step_changes_only_the_vision_side(tiny):
     assert any(not torch.equal(model.model.visual.state_dict()[k], v) for k, v in visual.items())
 
 
+def test_lora_starts_as_identity_merges_exactly_and_ships(tiny, tmp_path):
+    llama, tok, _, vtok = tiny
+    model, vtok = sv.build_smolvl(llama, tok, SMALL_VISION, seed=5)
+    enc = sv.encode_prompt(vtok, tiny_video(), "what shape ?")
+    kw = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+    with torch.no_grad():
+        plain = model(**kw).logits
+    adapters = sv.add_lora(model, rank=4, alpha=8.0, seed=1)
+    assert len(adapters) == 2 * len(sv.LORA_TARGETS)  # two layers, seven projections each
+    assert sv.add_lora(model, rank=4, alpha=8.0) == adapters  # idempotent
+    with torch.no_grad():
+        torch.testing.assert_close(model(**kw).logits, plain, rtol=0, atol=0)  # B = 0: no change
+        for a in adapters:
+            a.B.normal_(0, 0.05)
+        adapted = model(**kw).logits
+    assert (adapted - plain).abs().max() > 1e-3
+    sv.save_trained(model, tmp_path, vision=SMALL_VISION)
+    state = sv.trained_state_dict(model)
+    assert float(state["lora_scale"]) == 2.0
+    assert sum(k.startswith("lora.") for k in state) == 2 * len(adapters)
+    # a fresh model loads the adapters merged into its weights: a plain Linear, the same logits
+    other, _ = sv.build_smolvl(llama, tok, SMALL_VISION, seed=9)
+    sv.load_trained(other, tmp_path)
+    assert not any(isinstance(m, sv.LoRALinear) for m in other.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(other(**kw).logits, adapted, rtol=1e-5, atol=1e-5)
+    # resuming: a model with adapters gets them back as adapters
+    again, _ = sv.build_smolvl(llama, tok, SMALL_VISION, seed=9)
+    sv.add_lora(again, rank=4, alpha=8.0, seed=3)
+    sv.load_trained(again, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**kw).logits, adapted, rtol=0, atol=0)
+    assert sv.merge_lora(model) == len(adapters)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**kw).logits, adapted, rtol=1e-5, atol=1e-5)
+    wrong, _ = sv.build_smolvl(llama, tok, SMALL_VISION, seed=9)
+    sv.add_lora(wrong, rank=2, alpha=8.0)
+    with pytest.raises(ValueError, match="rank or scale"):
+        sv.load_trained(wrong, tmp_path)
+
+
+def test_stage_two_step_trains_the_adapters_not_the_base_weights(tiny):
+    from adaspark.needle import make_item
+
+    t = _train_module()
+    llama, tok, _, vtok = tiny
+    model, vtok = sv.build_smolvl(llama, tok, SMALL_VISION, seed=5)
+    base = {k: v.clone() for k, v in model.state_dict().items() if "language_model.layers" in k}
+    adapters = sv.add_lora(model, rank=4, alpha=8.0)
+    trainable = t.Trainable(model, adapters)
+    opt = torch.optim.AdamW(trainable.params(), lr=1e-2)
+    item = make_item("counting", 16, 0, split="train")
+    inputs, targets, _labels, none_id = t.batch_inputs(vtok, [item], nm.NEEDLE_VIDEO)
+    logits, target, _, _ = t.answer_logits(model, inputs, targets, _labels, none_id)
+    torch.nn.functional.cross_entropy(logits, target).backward()
+    trainable.after_backward()
+    opt.step()
+    assert all(a.B.abs().max() > 0 for a in adapters)  # every adapter learned
+    for path, module in sv._lm_linears(model, sv.LORA_TARGETS):
+        assert torch.equal(module.base.weight, base[path + ".weight"]), path
+
+
 def test_trim_log_drops_lines_after_the_checkpoint(tmp_path):
     t = _train_module()
     f = tmp_path / "log.jsonl"
@@ -350,10 +421,19 @@ def test_shipped_trained_parts_are_small_and_fit_the_model(real):
     assert total <= 30 * 2**20
     _, llama, tok, _, _ = real
     model, vtok = sv.build_smolvl(llama, tok, sv.read_vision_size(sv.DEFAULT_TRAINED_DIR))
-    sv.load_trained(model, sv.DEFAULT_TRAINED_DIR)  # strict: every tensor has its place and shape
+    from safetensors.torch import load_file
+
+    state = load_file(sv.DEFAULT_TRAINED_DIR / sv.TRAINED_FILE)
+    without_lora = {k: v for k, v in state.items() if not k.startswith("lora")}
+    sv.load_trained_state(model, without_lora)  # strict: every tensor has its place and shape
     text = "<|im_start|>user\nHello<|im_end|>\n"
     ids = torch.tensor([vtok(text, add_special_tokens=False)["input_ids"]])
     torch.testing.assert_close(_logits(model, ids)[..., : len(tok)], _logits(llama, ids), rtol=0, atol=1e-4)
+    if len(without_lora) < len(state):  # a stage-2 adapter: merged into the LM, it changes the text logits
+        sv.load_trained_state(model, state)
+        adapted = _logits(model, ids)
+        assert torch.isfinite(adapted).all()
+        assert (adapted[..., : len(tok)] - _logits(llama, ids)).abs().max() > 1e-3
 
 
 def test_adaspark_runs_sparse_on_smolvl(tiny):
@@ -367,3 +447,56 @@ def test_adaspark_runs_sparse_on_smolvl(tiny):
     assert dense["decoder_flops"] == dense["decoder_flops_dense"] == sparse["decoder_flops_dense"]
     assert sparse["decoder_flops"] < 0.9 * sparse["decoder_flops_dense"]
     assert sparse["video_tokens"] == 32 * 8
+
+
+# ---------------------------------------------------------------------------------------- the default model
+def test_model_names_and_a_bad_default_say_what_is_accepted(monkeypatch, tmp_path):
+    assert nm.resolve_model("tiny")[0] == nm.DEFAULT_MODEL_DIR
+    with pytest.raises(FileNotFoundError, match="smolvl, tiny"):
+        nm.resolve_model("nope")
+    monkeypatch.setenv(nm.MODEL_ENV, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"\$ADASPARK_MODEL"):
+        nm.resolve_model(None)
+
+
+def test_missing_lm_weights_are_one_line_naming_the_fetch_command(monkeypatch):
+    from adaspark import cli
+
+    def unavailable(*a, **k):
+        raise smollm2.SmolLMUnavailableError(f"not in the cache; get it with: {smollm2.FETCH_COMMAND}")
+
+    monkeypatch.delenv(nm.MODEL_ENV)
+    monkeypatch.setattr(sv, "default_checkpoint", unavailable)
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = cli.main(["ask", "--frames", "16", "--no-progress"])
+    assert code == 2
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and smollm2.FETCH_COMMAND in lines[0] and "SmolVL" in lines[0]
+
+
+def test_default_model_is_smolvl_through_the_one_loader(real, monkeypatch):
+    from adaspark import cli
+
+    monkeypatch.delenv(nm.MODEL_ENV)
+    directory, description = nm.resolve_model(None)
+    assert "smolvl-needle" in description and (directory / "config.json").is_file()
+    assert nm.resolve_model("smolvl")[0] == directory  # built once, then reused
+    loaded = nm.load_model()
+    assert loaded.source == description
+    reference, vtok = sv.load_smolvl()
+    text = "<|im_start|>user\nHello<|im_end|>\n"
+    ids = torch.tensor([vtok(text, add_special_tokens=False)["input_ids"]])
+    torch.testing.assert_close(_logits(loaded.model, ids), _logits(reference, ids), rtol=0, atol=1e-5)
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = cli.main(["demo", "--frames", "16", "--repeats", "1", "--no-progress"])
+    assert code == 0, out.getvalue()
+    text = out.getvalue()
+    assert "smolvl-needle" in text and "FLOPs saved" in text and "dense" in text

@@ -42,14 +42,7 @@ from adaspark.commands.errors import fail
 __all__ = ["add_parser", "run"]
 
 
-
 # ------------------------------------------------------------------------------------ arguments
-
-
-
-
-
-
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -103,26 +96,6 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------ loading
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ------------------------------------------------------------------------------------ output
@@ -184,8 +157,6 @@ def format_summary(doc: dict) -> str:
     )
     lines.append("   kept = fraction of the candidate cubes that Top-p keeps, text queries)")
     return "\n".join(lines)
-
-
 
 
 def run(args: argparse.Namespace) -> int:

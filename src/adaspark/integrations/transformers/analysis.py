@@ -59,6 +59,7 @@ __all__ = [
     "video_layout",
 ]
 
+
 def decoder_layers(model: torch.nn.Module) -> list:
     """The decoder layers of a supported model (the family adapter's ``language_model.layers``)."""
     return list(get_adapter(model).find_parts(model).layers)

@@ -179,12 +179,7 @@ class ModelAdapter(ABC):
         block, block_types = self.video_block(model, video, encode)
         ids = types = None
         if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-            try:
-                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            except Exception:  # a template that cannot render a video turn: use the plain layout
-                text = None
-            if isinstance(text, str):
+            for text in _chat_renderings(tokenizer, cfg, vid, question):
                 rendered = encode_text(tokenizer, text)
                 if rendered.count(vid) == 1:
                     at = rendered.index(vid)
@@ -195,6 +190,7 @@ class ModelAdapter(ABC):
                         hi += 1
                     ids = rendered[:lo] + block + rendered[hi:]
                     types = [0] * lo + block_types + [0] * (len(rendered) - hi)
+                    break
         if ids is None:
             q = encode(question)
             im_start = special_id(tokenizer, "<|im_start|>") if tokenizer is not None else None
@@ -258,6 +254,28 @@ def set_instance_attr(obj, name: str, value, undo: list) -> None:
             obj.__dict__.pop(name, None)
 
     undo.append(restore)
+
+
+def _chat_renderings(tokenizer, cfg, vid: int, question: str):
+    """The chat template's renderings of a user turn with one video and ``question``, best first: the
+    multimodal form (content parts, as Qwen's templates take them), then, for a text-only template
+    (e.g. a Llama / SmolLM2 one), the video block's tokens written into the text before the question."""
+    parts = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    placeholder = ""
+    if convert is not None:
+        ids = [getattr(cfg, "vision_start_token_id", None), vid, getattr(cfg, "vision_end_token_id", None)]
+        placeholder = "".join(str(convert(int(i))) for i in ids if i is not None)
+    plain = [{"role": "user", "content": placeholder + question}] if placeholder else None
+    for messages in (parts, plain):
+        if messages is None:
+            continue
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception:  # a template that cannot render this turn: try the next form
+            continue
+        if isinstance(text, str):
+            yield text
 
 
 def encode_text(tokenizer, text: str) -> list[int]:

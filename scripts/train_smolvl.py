@@ -1,4 +1,5 @@
-"""Train SmolVL's vision side on the needle benchmark with SmolLM2-135M-Instruct frozen (stage 1).
+"""Train SmolVL on the needle benchmark: stage 1 the vision side with SmolLM2-135M-Instruct frozen;
+stage 2 also a LoRA adapter on the LM; stage 3 the same with AdaSpark on (the paper's light fine-tuning).
 
 The model is :func:`adaspark.needle.smolvl.build_smolvl` (Qwen2.5-VL with SmolLM2-135M-Instruct as
 its decoder). Stage 1 aligns the vision tower, its merger and the new embedding rows of Qwen's vision
@@ -72,8 +73,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--stage",
         type=int,
         default=1,
-        choices=[1, 2],
-        help="1: vision side only, LM frozen; 2: also a LoRA adapter on every LM linear layer",
+        choices=[1, 2, 3],
+        help="1: vision side only, LM frozen; 2: also a LoRA adapter on every LM linear layer; "
+        "3: as 2 with AdaSpark on in the forward (the paper's light fine-tuning with sparsity on)",
+    )
+    ap.add_argument(
+        "--sparse-ps",
+        type=float,
+        nargs="+",
+        default=[0.3, 0.5, 0.7],
+        help="stage 3: each step's Top-p p is drawn from these",
+    )
+    ap.add_argument(
+        "--sparse-dense-every",
+        type=int,
+        default=4,
+        help="stage 3: every N-th step runs dense (0: never), so the dense model is not forgotten",
     )
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--lora-alpha", type=float, default=16.0)
@@ -275,6 +290,30 @@ def answer_logits(model, inputs, targets, labels, none_id: int):
     return model.lm_head(h[at]), targets[at], model.lm_head(h[keep]), labels[keep]
 
 
+def sparse_config(args, step: int):
+    """Stage 3: the AdaSpark config of step ``step`` (a pure function of it), or None for a dense step.
+    Always sparse where it is on (no cost model: the semantics are what is trained)."""
+    if args.stage != 3 or (args.sparse_dense_every and step % args.sparse_dense_every == 0):
+        return None
+    from adaspark import AdaSparkConfig
+
+    rng = random.Random(args.seed * 7_919 + step)
+    return AdaSparkConfig(p=args.sparse_ps[rng.randrange(len(args.sparse_ps))], cost_model=False)
+
+
+def forward_logits(model, args, step: int, inputs, targets, labels, none_id: int):
+    """:func:`answer_logits` plus the AdaSpark report (None on a dense step); under ``adaspark.patch``
+    on the sparse steps of stage 3."""
+    cfg = sparse_config(args, step)
+    if cfg is None:
+        return (*answer_logits(model, inputs, targets, labels, none_id), None)
+    import adaspark
+
+    with adaspark.patch(model, cfg) as handle:
+        out = answer_logits(model, inputs, targets, labels, none_id)
+        return (*out, handle.report())
+
+
 # ---------------------------------------------------------------------------------------- eval
 def eval_items(split: str, lengths, n: int):
     items = []
@@ -327,7 +366,12 @@ def run_info(args, trainable, elapsed: float, step: int) -> dict:
         "trained": "vision tower + merger + new embedding rows; SmolLM2 frozen"
         if args.stage == 1
         else f"vision tower + merger + new embedding rows + LoRA rank {args.lora_rank} "
-        f"(alpha {args.lora_alpha}) on SmolLM2's {', '.join(sv.LORA_TARGETS)}",
+        f"(alpha {args.lora_alpha}) on SmolLM2's {', '.join(sv.LORA_TARGETS)}"
+        + (
+            f"; AdaSpark on (p from {args.sparse_ps}, every {args.sparse_dense_every}th step dense)"
+            if args.stage == 3
+            else ""
+        ),
         "trained_parameters": sum(p.numel() for p in trainable.params()),
         "lm": {"wheel": WHEEL_REQUIREMENT, "wheel_sha256": WHEEL_SHA256},
         "vision": asdict(vision_size(args)),
@@ -417,9 +461,10 @@ def main(argv=None) -> int:
         name = f"eval_{args.eval_split}{'_untrained' if args.untrained else ''}.json"
         atomic_write_json(out / name, rec)
         return 0
+    adapters = sv.add_lora(model, args.lora_rank, args.lora_alpha, seed=args.seed) if args.stage >= 2 else []
     if args.init is not None and not ckpt_path.is_file():
-        sv.load_trained(model, args.init)  # stage 1's result (before any adapter exists)
-    adapters = sv.add_lora(model, args.lora_rank, args.lora_alpha, seed=args.seed) if args.stage == 2 else []
+        # an earlier stage's result: an adapter in it is loaded into the adapters (not merged away)
+        sv.load_trained(model, args.init)
     trainable = Trainable(model, adapters)
     opt = torch.optim.AdamW(trainable.params(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
     step, elapsed = 0, 0.0
@@ -438,7 +483,7 @@ def main(argv=None) -> int:
     val = eval_items("val", args.val_lengths, args.val_n)
     render_frames(val[0])  # decode the haystack footage once, outside the timed steps
     embed_map = EmbedMap(model, vtok, args.embed_map_temperature) if args.embed_map_weight > 0 else None
-    run = {"loss": 0.0, "map": 0.0, "emap": 0.0, "acc": 0.0, "n": 0}
+    run = {"loss": 0.0, "map": 0.0, "emap": 0.0, "acc": 0.0, "n": 0, "saved": [], "sparse_loss": []}
     last_commit = time.monotonic()
     t_last = time.perf_counter()
     model.train()
@@ -448,7 +493,9 @@ def main(argv=None) -> int:
         length, plan = step_plan(args, step)
         items = [make_item(task, length, seed, split="train") for task, seed in plan]
         inputs, targets, labels, none_id = batch_inputs(vtok, items, settings)
-        logits, target, map_logits, map_labels = answer_logits(model, inputs, targets, labels, none_id)
+        logits, target, map_logits, map_labels, report = forward_logits(
+            model, args, step, inputs, targets, labels, none_id
+        )
         ans = F.cross_entropy(logits.float(), target)
         mloss = map_loss_fn(map_logits.float(), map_labels) if args.map_weight > 0 else torch.zeros(())
         emap = embed_map.loss(labels, none_id) if embed_map is not None else torch.zeros(())
@@ -465,6 +512,9 @@ def main(argv=None) -> int:
         run["emap"] += emap.item() * len(items)
         run["acc"] += float((logits.argmax(-1) == target).float().mean()) * len(items)
         run["n"] += len(items)
+        if report is not None:
+            run["saved"].append(report.llm_saved)
+            run["sparse_loss"].append(ans.item())
         now = time.perf_counter()
         elapsed += now - t_last
         t_last = now
@@ -481,9 +531,18 @@ def main(argv=None) -> int:
                     "train_token_acc": round(run["acc"] / n, 4),
                     "lr": lr_at(args, step - 1),
                     "elapsed_s": round(elapsed, 1),
+                    **(
+                        {
+                            "sparse_steps": len(run["saved"]),
+                            "sparse_decoder_saved": round(sum(run["saved"]) / len(run["saved"]), 4),
+                            "sparse_loss": round(sum(run["sparse_loss"]) / len(run["sparse_loss"]), 4),
+                        }
+                        if run["saved"]
+                        else {}
+                    ),
                 },
             )
-            run = {"loss": 0.0, "map": 0.0, "emap": 0.0, "acc": 0.0, "n": 0}
+            run = {"loss": 0.0, "map": 0.0, "emap": 0.0, "acc": 0.0, "n": 0, "saved": [], "sparse_loss": []}
         if step % args.val_every == 0 or step == args.steps:
             model.eval()
             t0 = time.perf_counter()

@@ -353,6 +353,43 @@ def test_stage_two_step_trains_the_adapters_not_the_base_weights(tiny):
         assert torch.equal(module.base.weight, base[path + ".weight"]), path
 
 
+def test_stage_three_steps_run_sparse_and_train_the_adapters(tiny):
+    import adaspark
+    from adaspark.needle import make_item
+
+    t = _train_module()
+    args = t.parse_args(["--stage", "3", "--sparse-ps", "0.5", "--sparse-dense-every", "2"])
+    assert t.sparse_config(args, 0) is None and t.sparse_config(args, 1).p == 0.5  # step 0 dense
+    assert t.sparse_config(t.parse_args(["--stage", "2"]), 1) is None
+    llama, tok, _, vtok = tiny
+    model, vtok = sv.build_smolvl(llama, tok, SMALL_VISION, seed=5)
+    adapters = sv.add_lora(model, rank=4, alpha=8.0)
+    trainable = t.Trainable(model, adapters)
+    item = make_item("ordering", 32, 0, split="train")
+    inputs, targets, labels, none_id = t.batch_inputs(vtok, [item], nm.NEEDLE_VIDEO)
+    seen = []
+    real_patch = adaspark.patch
+
+    def spy(m, cfg):
+        handle = real_patch(m, cfg)
+        seen.append(handle)
+        return handle
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(adaspark, "patch", spy):
+        logits, target, _, _, report = t.forward_logits(model, args, 1, inputs, targets, labels, none_id)
+    assert len(seen) == 1 and not seen[0].active  # patched for the step, removed after it
+    assert report.llm_saved > 0  # the step really ran sparse
+    assert t.forward_logits(model, args, 0, inputs, targets, labels, none_id)[4] is None  # a dense step
+    dense_logits, _, _, _ = t.answer_logits(model, inputs, targets, labels, none_id)
+    assert not torch.allclose(logits, dense_logits)
+    torch.nn.functional.cross_entropy(logits, target).backward()
+    trainable.after_backward()
+    assert all(a.B.grad is not None and a.B.grad.abs().max() > 0 for a in adapters)
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.model.visual.parameters())
+
+
 def test_trim_log_drops_lines_after_the_checkpoint(tmp_path):
     t = _train_module()
     f = tmp_path / "log.jsonl"

@@ -96,6 +96,46 @@ def test_native_stacks_gqa_heads_for_few_queries_and_equals_per_head(monkeypatch
     torch.testing.assert_close(per_head, ref, atol=2e-6, rtol=1e-5)
 
 
+_ATEN_PATH_CHECK = """
+import torch
+from adaspark.ops.attention.native import _exports_sgemm, cube_sparse_attention_native, native_error
+from adaspark.ops.attention.reference import cube_sparse_attention_reference
+from test_attention import CASES, make_case
+
+assert not _exports_sgemm()
+for case in CASES:
+    q, k, v, ids, km = make_case(case)
+    for nq in sorted({q.shape[2], 1} - {0}):
+        qs = q[:, :, q.shape[2] - nq :]
+        ref = cube_sparse_attention_reference(q, k, v, ids, 0.5, key_mask=km)[:, :, q.shape[2] - nq :]
+        out = cube_sparse_attention_native(qs, k, v, ids, 0.5, key_mask=km, query_block=16)
+        torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+print("ok", native_error())
+"""
+
+
+@needs_native
+def test_native_without_direct_blas_equals_reference(tmp_path):
+    """The kernel's ATen path (built where libtorch exports no ``sgemm_``) computes the same: built
+    in a fresh extension directory with the direct BLAS calls turned off (about 40 s)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {
+        **os.environ,
+        "ADASPARK_NATIVE_NO_SGEMM": "1",
+        "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _ATEN_PATH_CHECK], env=env, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "ok None"
+
+
 @needs_flex
 @pytest.mark.parametrize("gran", GRANS)
 @pytest.mark.parametrize("case", FLEX_CASES, ids=[c[0] for c in FLEX_CASES])

@@ -72,14 +72,34 @@ def _ninja() -> bool:
 
 
 @functools.cache
+def _exports_sgemm() -> bool:
+    """Whether libtorch exports the BLAS ``sgemm_`` it was linked with (x86 wheels: MKL), so that the
+    kernel can call it on strided tiles directly (otherwise it uses ATen products;
+    ``ADASPARK_NATIVE_NO_SGEMM=1`` forces that path)."""
+    import ctypes
+
+    if os.environ.get("ADASPARK_NATIVE_NO_SGEMM") == "1":
+        return False
+
+    lib = Path(torch.__file__).with_name("lib") / "libtorch_cpu.so"
+    try:
+        return hasattr(ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL), "sgemm_")
+    except OSError:
+        return False
+
+
+@functools.cache
 def _build() -> bool:
     from torch.utils.cpp_extension import load
 
+    flags = ["-O3", "-march=native", "-fopenmp"]
+    if _exports_sgemm():
+        flags.append("-DADASPARK_SGEMM")
     try:
         load(
             name="adaspark_block_attention",
             sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,

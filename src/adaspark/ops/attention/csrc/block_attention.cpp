@@ -11,10 +11,10 @@
 // Output [B, Hq, Sq, D] float32 (rows of padded / invalid queries are zero).
 //
 // One task per (sample, head group, query block): the union of the key blocks its heads keep is
-// walked in chunks; each chunk is one S = Q K^T matrix product (keys read in place when the chunk's
-// blocks are consecutive, gathered otherwise), the mask is applied block by block (skipped blocks
-// -inf, partial blocks token by token, full blocks untouched), then an online-softmax update and
-// O += P V. Tasks are spread over the intra-op threads in a strided order (later query blocks
+// walked in chunks; in each chunk, every run of consecutive key blocks is one S = Q K^T and one
+// O += P V matrix product on the keys and values read in place (BLAS calls on strided tiles: no
+// gather copy, no tensor objects per step), the mask is applied block by block (skipped blocks
+// -inf, partial blocks token by token, full blocks untouched), then an online-softmax update. Tasks are spread over the intra-op threads in a strided order (later query blocks
 // attend more keys) with at::parallel_for.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -30,6 +30,52 @@
 #include <vector>
 
 namespace {
+
+// Row-major matrix products on strided tiles (leading dimensions in elements):
+//   gemm_abt:    C[M×N]  = A[M×K] · B[N×K]^T
+//   gemm_ab_acc: C[M×N] += A[M×K] · B[K×N]
+// With ADASPARK_SGEMM (defined by the build when libtorch exports the BLAS `sgemm_` it was linked
+// with, e.g. MKL) they are direct BLAS calls: no tensor objects, no copies; otherwise ATen products
+// on strided views.
+#ifdef ADASPARK_SGEMM
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+
+inline void gemm_abt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                     int64_t ldb, float* C, int64_t ldc) {
+  // column-major view: C^T (N×M) = B (N×K) · A^T (K×M)
+  const char ta = 'T', tb = 'N';
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  const float one = 1.0f, zero = 0.0f;
+  sgemm_(&ta, &tb, &m, &n, &k, &one, B, &la, A, &lb, &zero, C, &lc);
+}
+
+inline void gemm_ab_acc(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                        int64_t ldb, float* C, int64_t ldc) {
+  // column-major view: C^T (N×M) += B^T (N×K) · A^T (K×M)
+  const char ta = 'N', tb = 'N';
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  const float one = 1.0f;
+  sgemm_(&ta, &tb, &m, &n, &k, &one, B, &la, A, &lb, &one, C, &lc);
+}
+#else
+inline at::Tensor tile(const float* p, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<float*>(p), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
+}
+
+inline void gemm_abt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                     int64_t ldb, float* C, int64_t ldc) {
+  tile(C, M, N, ldc).copy_(at::mm(tile(A, M, K, lda), tile(B, N, K, ldb).t()));
+}
+
+inline void gemm_ab_acc(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                        int64_t ldb, float* C, int64_t ldc) {
+  tile(C, M, N, ldc).add_(at::mm(tile(A, M, K, lda), tile(B, K, N, ldb)));
+}
+#endif
 
 // exp(x - shift) over a row, in place; returns the row's sum. -inf entries give exactly 0.
 // AVX2: a degree-6 polynomial after range reduction by ln 2 (relative error ~2e-7, within float
@@ -351,24 +397,17 @@ at::Tensor block_attention(
   const int64_t n_tasks = B * nG * nQ;
   const float neg = -std::numeric_limits<float>::infinity();
   const float fscale = static_cast<float>(scale);
-  const auto fopt = q.options();
   const int64_t n_workers = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n_tasks, 1));
 
   at::parallel_for(0, n_workers, 1, [&](int64_t w0, int64_t w1) {
     // per-thread buffers (sized for the largest chunk)
-    auto qt = at::empty({R, D}, fopt);
-    auto kbuf = at::empty({chunk * block, D}, fopt);
-    auto vbuf = at::empty({chunk * block, D}, fopt);
-    auto sbuf = at::empty({R, chunk * block}, fopt);
-    auto ot = at::empty({R, D}, fopt);
+    std::vector<float> qt(R * D), sbuf(R * chunk * block), ot(R * D);
     std::vector<float> m(R), l(R);
-    std::vector<int64_t> blocks;
+    std::vector<int64_t> blocks, run_start, run_len;
     blocks.reserve(nK);
-    float* qtp = qt.data_ptr<float>();
-    float* kbp = kbuf.data_ptr<float>();
-    float* vbp = vbuf.data_ptr<float>();
-    float* sp = sbuf.data_ptr<float>();
-    float* otp = ot.data_ptr<float>();
+    float* qtp = qt.data();
+    float* sp = sbuf.data();
+    float* otp = ot.data();
     for (int64_t w = w0; w < w1; ++w) {
       for (int64_t t = w; t < n_tasks; t += n_workers) {
         const int64_t qb = t % nQ;
@@ -399,32 +438,30 @@ at::Tensor block_attention(
         }
         std::fill(m.begin(), m.end(), neg);
         std::fill(l.begin(), l.end(), 0.0f);
-        auto qtr = qt.narrow(0, 0, RR);
-        auto otr = ot.narrow(0, 0, RR);
-        otr.zero_();
+        std::fill(ot.begin(), ot.begin() + RR * D, 0.0f);
         const float* kbase = kd + (b * Hkv + kvh) * Sk * D;
         const float* vbase = vd + (b * Hkv + kvh) * Sk * D;
         const int64_t nb = static_cast<int64_t>(blocks.size());
         for (int64_t c0 = 0; c0 < nb; c0 += chunk) {
           const int64_t cn = std::min(chunk, nb - c0);
           const int64_t cols = cn * block;
-          const bool consecutive = blocks[c0 + cn - 1] - blocks[c0] == cn - 1;
-          at::Tensor kc, vc;
-          if (consecutive) {
-            const int64_t off = blocks[c0] * block * D;
-            kc = at::from_blob(const_cast<float*>(kbase + off), {cols, D}, fopt);
-            vc = at::from_blob(const_cast<float*>(vbase + off), {cols, D}, fopt);
-          } else {
-            for (int64_t j = 0; j < cn; ++j) {
-              const int64_t off = blocks[c0 + j] * block * D;
-              std::memcpy(kbp + j * block * D, kbase + off, sizeof(float) * block * D);
-              std::memcpy(vbp + j * block * D, vbase + off, sizeof(float) * block * D);
+          // runs of consecutive key blocks: (first chunk column, first block, blocks)
+          run_start.clear();
+          run_len.clear();
+          for (int64_t j = 0; j < cn; ++j) {
+            if (j > 0 && blocks[c0 + j] == blocks[c0 + j - 1] + 1) {
+              ++run_len.back();
+            } else {
+              run_start.push_back(j);
+              run_len.push_back(1);
             }
-            kc = kbuf.narrow(0, 0, cols);
-            vc = vbuf.narrow(0, 0, cols);
           }
-          auto s = at::from_blob(sp, {RR, cols}, fopt);
-          at::mm_out(s, qtr, kc.t());
+          const int64_t n_runs = static_cast<int64_t>(run_start.size());
+          // S[:, run] = Q K_run^T, keys read in place
+          for (int64_t r = 0; r < n_runs; ++r) {
+            const int64_t j0 = run_start[r], w = run_len[r] * block;
+            gemm_abt(RR, w, D, qtp, D, kbase + blocks[c0 + j0] * block * D, D, sp + j0 * block, cols);
+          }
           // mask, block by block
           for (int64_t hh = 0; hh < group; ++hh) {
             const int64_t h = h0 + hh;
@@ -464,7 +501,11 @@ at::Tensor block_attention(
               for (int64_t x = 0; x < D; ++x) orow[x] *= alpha;
             }
           }
-          otr.addmm_(s, vc);
+          // O += P_run V_run, values read in place
+          for (int64_t r = 0; r < n_runs; ++r) {
+            const int64_t j0 = run_start[r], w = run_len[r] * block;
+            gemm_ab_acc(RR, D, w, sp + j0 * block, cols, vbase + blocks[c0 + j0] * block * D, D, otp, D);
+          }
         }
         // normalise and write back (invalid query rows stay zero)
         for (int64_t hh = 0; hh < group; ++hh) {

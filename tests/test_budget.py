@@ -238,3 +238,28 @@ def test_ask_with_a_budget(tmp_path):
     assert all(lr["p_attn"] is not None for lr in rep["layers"])
     frac = rep["llm_flops_sparse"] / rep["llm_flops_dense"]
     assert f"Budget 0.80: the decoder executed {frac:.2f} of its dense FLOPs" in out
+
+
+def test_eval_budgets_add_budget_variants(tmp_path):
+    import json
+
+    from adaspark.needle.evaluate import standard_variants, summarize
+
+    names = [v.name for v in standard_variants([0.5], families=["top_p"], flop_budgets=[0.6, 0.8])]
+    assert names == ["dense", "top_p@0.5", "budget@0.6", "budget@0.8"]
+    out = tmp_path / "ev"
+    argv = ["eval", "--lengths", "32", "--n", "1", "--ps", "0.5", "--families", "top_p", "--budgets", "0.7"]
+    code, _, err = _cli([*argv, "--tasks", "retrieval", "--out", str(out), "--no-plot", "--no-progress"])
+    assert code == 0, err
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    assert sorted(r["variant"] for r in rows) == ["budget@0.7", "dense", "top_p@0.5"]
+    (row,) = [r for r in rows if r["variant"] == "budget@0.7"]
+    assert row["config"]["budget"] == 0.7
+    assert "budget" in {s["family"] for s in summarize(out / "results.jsonl")}
+
+
+@pytest.mark.parametrize("value", ["1.5", "0", "x"])
+def test_eval_bad_budgets_are_usage_errors(value, tmp_path):
+    code, out, err = _cli(["eval", "--budgets", value, "--out", str(tmp_path / "o"), "--no-progress"])
+    assert code == 2 and out == "" and "usage: adaspark eval" in err
+    assert "argument --budgets: expected a number in (0, 1]" in err.splitlines()[-1]

@@ -139,6 +139,8 @@ class BudgetController:
         self.dense_layers = set(dense_layers)
         #: budget share minus executed FLOPs of the layers finished so far
         self.carry = 0.0
+        #: score entries the attention kernel executed over what its probe predicted, last layer
+        self.attn_ratio = 1.0
         self.layers: dict[int, BudgetLayer] = {}
         self._rows: dict[int, int] = {}
         self._pairs: dict[int, int] = {}

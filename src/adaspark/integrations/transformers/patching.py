@@ -473,7 +473,8 @@ class _State:
         block pattern, :func:`~adaspark.ops.attention.blocks.plan_blocks`): once at the smallest
         threshold (the floor), then a bisection started from the ``C × C`` cube estimate
         (:func:`~adaspark.ops.attention.cost.cube_estimate`). The probes' selection work is
-        reported as the layer's search FLOPs. Paths without a block plan use the estimate alone.
+        reported as the layer's search FLOPs. Paths without a block plan use the estimate alone. What
+        the kernel then executed over what its probe said corrects the floor and the next layer's aim.
         """
         cfg = self.config
         fwd = self.fwd
@@ -530,9 +531,17 @@ class _State:
             )
             if r < 1.0:
                 want = floor + r * max(dense_entries - floor, 0.0)
-                p_attn = self._budget_search(executed, want, est, r)
+                # a kernel may execute other than its plan says (gather: the union of a GQA group's
+                # blocks; reference: every entry): aim with the ratio the last layer measured
+                p_attn = self._budget_search(executed, want / ctl.attn_ratio, est, r)
         policy = dataclasses.replace(policy, p=p_attn)
+        before = st.executed
         out, _ = self._sparse(q, k, v, cube_ids, key_valid, scaling, st, mk, index, False, policy)
+        if floor is not None and p_attn in probes and probes[p_attn] > 0:
+            ratio = (st.executed - before) / probes[p_attn]
+            ctl.attn_ratio = ratio
+            # at the smallest threshold the kernel's count is the floor itself
+            floor = float(st.executed - before) if p_attn == P_MIN else floor * ratio
         lay.p_attn = p_attn
         snap, _ = fwd.budget_open[li]
         fwd.budget_open[li] = (snap, floor)

@@ -85,6 +85,23 @@ def test_top_p_for_fraction_bad_input_is_named():
         top_p_for_fraction(probs.half(), valid, 1.0, 0.5)
 
 
+def test_search_threshold_brackets_a_step_function():
+    from adaspark.core.budget import search_threshold
+
+    calls = []
+
+    def executed(p):  # a monotone step function, like a block plan's count
+        calls.append(p)
+        return float(int(p * 10))  # 0, 1, ..., 9 on [0, 1)
+
+    p = search_threshold(executed, 4.2, 0.5, steps=10)
+    assert executed(p) in (4.0, 5.0) and p in calls[:-1]
+    assert search_threshold(executed, 0.0, 0.5) == P_MIN  # the smallest threshold already suffices
+    assert executed(search_threshold(executed, 100.0, 0.5)) == 9.0  # out of reach: the largest probe
+    assert executed(search_threshold(executed, 4.9, 0.5, steps=12)) == 5.0  # the closer side
+    assert executed(search_threshold(executed, 4.1, 0.9, steps=12)) == 4.0
+
+
 # ---------------------------------------------------------------------------------------- config
 def test_budget_config_validation():
     assert AdaSparkConfig(budget=0.4).budget == 0.4

@@ -20,6 +20,7 @@ prefill have the same dense FLOPs). The thresholds themselves come from
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from adaspark.core.accounting import (
@@ -31,9 +32,10 @@ from adaspark.core.accounting import (
     proj_flops,
 )
 from adaspark.ops.attention.common import AttentionStats
+from adaspark.ops.budget import P_MIN
 from adaspark.ops.ffn.common import FFNStats
 
-__all__ = ["BudgetController", "BudgetLayer", "Snapshot"]
+__all__ = ["BudgetController", "BudgetLayer", "Snapshot", "search_threshold"]
 
 
 @dataclass
@@ -111,6 +113,33 @@ def _attn_copy(st: AttentionStats) -> AttentionStats:
         kept_sum=st.kept_sum.clone(),
         candidates_sum=st.candidates_sum.clone(),
     )
+
+
+def search_threshold(
+    executed: Callable[[float], float], want: float, guess: float, *, steps: int = 7
+) -> float:
+    """The threshold in ``[P_MIN, 1)`` whose ``executed(p)`` (non-decreasing in ``p``) is closest
+    to ``want``, found by a bisection of ``steps`` probes whose first probe is ``guess``.
+
+    Returns :data:`~adaspark.ops.budget.P_MIN` when even that executes ``want``; the last probe
+    below ``want`` when no probe below 1 reaches it; otherwise the closer of the two probes that
+    bracket ``want``. Every returned threshold was probed.
+    """
+    lo, hi = P_MIN, 1.0
+    if executed(lo) >= want:
+        return lo
+    mid = guess
+    for _ in range(steps):
+        if not lo < mid < hi:
+            mid = (lo + hi) / 2
+        if executed(mid) >= want:
+            hi = mid
+        else:
+            lo = mid
+        mid = (lo + hi) / 2
+    if hi >= 1.0:
+        return lo
+    return lo if want - executed(lo) <= executed(hi) - want else hi
 
 
 def _clamp01(x: float) -> float:

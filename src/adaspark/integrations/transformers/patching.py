@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from adaspark.config import AdaSparkConfig
 from adaspark.core import calibration
 from adaspark.core.accounting import LayerDims, Report, build_report, selection_flops
-from adaspark.core.budget import BudgetController, Snapshot
+from adaspark.core.budget import BudgetController, Snapshot, search_threshold
 from adaspark.core.layout import VIDEO, Layout
 from adaspark.integrations.transformers import attention as attn_backend
 from adaspark.integrations.transformers import compat
@@ -533,7 +533,8 @@ class _State:
                 want = floor + r * max(dense_entries - floor, 0.0)
                 # a kernel may execute other than its plan says (gather: the union of a GQA group's
                 # blocks; reference: every entry): aim with the ratio the last layer measured
-                p_attn = self._budget_search(executed, want / ctl.attn_ratio, est, r)
+                guess = top_p_for_fraction(est.probs, est.cand, est.pairs, r)
+                p_attn = search_threshold(executed, want / ctl.attn_ratio, guess, steps=BUDGET_SEARCH_STEPS)
         policy = dataclasses.replace(policy, p=p_attn)
         before = st.executed
         out, _ = self._sparse(q, k, v, cube_ids, key_valid, scaling, st, mk, index, False, policy)
@@ -548,26 +549,6 @@ class _State:
         if not self.sparse_ffn_layer(li):
             self._budget_finish(li, None, None)
         return out, None
-
-    @staticmethod
-    def _budget_search(executed, want: float, est, r: float, steps: int = BUDGET_SEARCH_STEPS) -> float:
-        """The threshold whose executed entries are closest to ``want`` (``executed(p)`` grows with
-        ``p``): a bisection on ``[P_MIN, 1)`` whose first probe is the estimate's threshold."""
-        lo, hi = P_MIN, 1.0
-        if executed(lo) >= want:
-            return lo
-        mid = top_p_for_fraction(est.probs, est.cand, est.pairs, r)
-        for _ in range(steps):
-            if not lo < mid < hi:
-                mid = (lo + hi) / 2
-            if executed(mid) >= want:
-                hi = mid
-            else:
-                lo = mid
-            mid = (lo + hi) / 2
-        if hi >= 1.0:
-            return lo
-        return lo if want - executed(lo) <= executed(hi) - want else hi
 
     def _budget_finish(self, li: int, ffn: FFNStats | None, ffn_min_rows: float | None) -> None:
         fwd = self.fwd

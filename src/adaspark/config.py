@@ -131,9 +131,22 @@ class AdaSparkConfig:
             float32 for the cube means (a memory bound). Integer ``>= 1``; default
             :data:`adaspark.ops.ffn.gathered.SUM_CHUNK` (4096).
 
-    The last four are kernel thresholds, speed trade-offs: none changes what AdaS-Attn or AdaS-FFN
-    computes (except that ``flex_min_tokens`` also sets where ``dense_fallback`` starts). Their
-    defaults are the constants of :mod:`adaspark.ops`, where each number is written once.
+        budget: Budget mode: a target fraction in ``(0, 1]`` of the dense *decoder* FLOPs that
+            a prefill executes (``Report.llm_flops_sparse / Report.llm_flops_dense``, as
+            :mod:`adaspark.core.accounting` counts them). Each prefill chooses, layer by layer,
+            the Top-p thresholds of AdaS-Attn and AdaS-FFN that land its executed FLOPs on the
+            target (within a few percent); later forwards on its cache (decode steps, later
+            chunks) reuse each layer's thresholds (``p`` where none was chosen). Below the floor
+            that projections, text tokens and own cubes set, it does the most it can and the
+            report says the budget was not reachable. Needs ``policy="top_p"``,
+            ``p_attn = p_ffn = None`` and ``dense_fallback = None``; the cost model's run-dense
+            decisions are not applied in budget mode (a dense layer would spend the budget).
+            ``None`` (default): the thresholds are ``p`` / ``p_attn`` / ``p_ffn``.
+
+    The four kernel thresholds (``flex_min_tokens`` to ``ffn_sum_chunk``) are speed trade-offs:
+    none changes what AdaS-Attn or AdaS-FFN computes (except that ``flex_min_tokens`` also sets
+    where ``dense_fallback`` starts). Their defaults are the constants of :mod:`adaspark.ops`, where
+    each number is written once.
     """
 
     p: float = 0.9
@@ -160,6 +173,7 @@ class AdaSparkConfig:
     decode_gather_fraction: float = GATHER_FRACTION
     blocked_dense_fraction: float = DENSE_BLOCK_FRACTION
     ffn_sum_chunk: int = SUM_CHUNK
+    budget: float | None = None
 
     def __post_init__(self) -> None:
         _check_fraction("p", self.p)
@@ -232,6 +246,26 @@ class AdaSparkConfig:
         _check_unit_interval("decode_gather_fraction", self.decode_gather_fraction)
         _check_unit_interval("blocked_dense_fraction", self.blocked_dense_fraction)
         _check_int("ffn_sum_chunk", self.ffn_sum_chunk, 1)
+        _check_fraction("budget", self.budget, allow_none=True)
+        if self.budget is not None:
+            if self.policy != "top_p":
+                raise ValueError(
+                    f"AdaSparkConfig.budget needs policy='top_p' (it chooses the Top-p thresholds), "
+                    f"got policy={self.policy!r}"
+                )
+            for name in ("p_attn", "p_ffn"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"AdaSparkConfig.{name}={getattr(self, name)!r} cannot be combined with "
+                        f"AdaSparkConfig.budget={self.budget!r}: budget mode chooses the thresholds; "
+                        f"set {name}=None"
+                    )
+            if self.dense_fallback is not None:
+                raise ValueError(
+                    f"AdaSparkConfig.dense_fallback={self.dense_fallback!r} cannot be combined with "
+                    f"AdaSparkConfig.budget={self.budget!r}: a dense layer would spend the budget; "
+                    "set dense_fallback=None"
+                )
 
     # ------------------------------------------------------------------ derived values
     @property

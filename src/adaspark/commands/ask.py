@@ -35,7 +35,7 @@ from adaspark.commands.errors import UsageError, fail
 __all__ = ["DEFAULT_FRAMES", "DEFAULT_P", "add_parser", "format_result", "run"]
 
 #: the AdaSparkConfig fields ask takes as flags (--p, --cube, ...)
-CONFIG_FLAGS = ("p", "cube", "policy", "backend", "granularity", "cost_model")
+CONFIG_FLAGS = ("p", "cube", "policy", "backend", "granularity", "cost_model", "budget")
 #: p of the AdaSpark run unless --p says otherwise
 DEFAULT_P = 0.5
 #: frames of the generated sample (256 temporal patches, 4096 video tokens)
@@ -100,7 +100,13 @@ def add_parser(commands) -> argparse.ArgumentParser:
         parser,
         CONFIG_FLAGS,
         defaults={"p": DEFAULT_P},
-        helps={"p": "Top-p threshold of AdaSpark, in (0, 1]", "cube": "cube size (t, h, w) in LM tokens"},
+        helps={
+            "p": "Top-p threshold of AdaSpark, in (0, 1]",
+            "cube": "cube size (t, h, w) in LM tokens",
+            "budget": "budget mode: target fraction in (0, 1] of the dense decoder FLOPs of the prefill "
+            "(AdaSpark chooses each layer's thresholds; --p then applies to nothing but a prompt "
+            "without video)",
+        },
     )
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="model dtype (default float32)"
@@ -335,6 +341,8 @@ def format_result(r: dict) -> str:
             "the tiny model knows only the needle benchmark's vocabulary"
         )
     sel = f"p = {c['p']}" if c["policy"] == "top_p" else f"policy {c['policy']}"
+    if c.get("budget") is not None:
+        sel = f"budget {c['budget']:.2f} of the dense decoder FLOPs"
     ct, ch, cw = c["cube"]
     gran = f", {c['granularity']} granularity" if "granularity" in c else ""
     lines.append(f"AdaSpark  {sel}, cube {ct}x{ch}x{cw}{gran}, backend {c['backend']}")
@@ -376,6 +384,15 @@ def format_result(r: dict) -> str:
         "of the video tokens through the FFN (means over layers)."
     )
     rep = s.get("report") or {}
+    if rep.get("budget") is not None and rep.get("llm_flops_dense"):
+        frac = rep["llm_flops_sparse"] / rep["llm_flops_dense"]
+        line = (
+            f"Budget {rep['budget']:.2f}: the decoder executed {frac:.2f} of its dense FLOPs "
+            "(prefill and option continuations)"
+        )
+        if rep.get("budget_reachable") is False:
+            line += f"; not reachable: floor {rep['budget_floor']:.2f}"
+        lines.append(line + ".")
     if rep.get("decode_steps"):
         lines.append(
             f"The {rep['decode_steps']} option continuations after the prompt's KV cache ran AdaS-Attn "

@@ -94,6 +94,15 @@ def add_parser(commands) -> argparse.ArgumentParser:
         help=f"Top-p values of the sweep (default {' '.join(map(str, DEFAULT_PS))})",
     )
     parser.add_argument(
+        "--budgets",
+        type=fraction,
+        nargs="+",
+        default=[],
+        metavar="B",
+        help="also run budget mode at each B, a fraction in (0, 1] of the dense decoder FLOPs "
+        "(one budget@B variant each; default none)",
+    )
+    parser.add_argument(
         "--families",
         choices=_FAMILIES,
         nargs="+",
@@ -297,7 +306,9 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             budgets = calibrate_budgets(cal, answer_fn, args.ps, base=base)
-        variants = standard_variants(args.ps, base=base, budgets=budgets, families=args.families)
+        variants = standard_variants(
+            args.ps, base=base, budgets=budgets, families=args.families, flop_budgets=args.budgets
+        )
         atomic_write_json(
             out / "eval_config.json",
             {

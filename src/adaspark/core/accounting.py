@@ -22,7 +22,18 @@ from dataclasses import asdict, dataclass, field
 from adaspark.ops.attention.common import AttentionStats
 from adaspark.ops.ffn.common import FFNStats
 
-__all__ = ["LayerDims", "LayerReport", "Report", "build_report", "layer_flops"]
+__all__ = [
+    "LayerDims",
+    "LayerReport",
+    "Report",
+    "attention_flops",
+    "build_report",
+    "ffn_flops",
+    "ffn_overhead_flops",
+    "layer_flops",
+    "proj_flops",
+    "selection_flops",
+]
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,8 @@ class LayerReport:
             decision, or the fixed ``dense_fallback`` rule).
         flops_dense / flops_sparse / flops_sparse_ideal: FLOPs of this layer.
         breakdown: sparse (executed) FLOPs by component.
+        p_attn / p_ffn: budget mode: the Top-p thresholds the last prefill chose for this layer
+            (None outside budget mode, for dense layers, or where that module was not steered).
     """
 
     index: int
@@ -70,6 +83,8 @@ class LayerReport:
     breakdown: dict = field(default_factory=dict)
     attn_sparse_calls: int = 0
     attn_dense_calls: int = 0
+    p_attn: float | None = None
+    p_ffn: float | None = None
 
 
 @dataclass
@@ -82,6 +97,11 @@ class Report:
     ``decode_steps`` counts the forwards that continued a KV cache (decode steps, draft
     verification, later prefill chunks), ``sparse_decode_steps`` those of them in which at least
     one layer ran AdaS-Attn's sparse path (not dense attention).
+
+    Budget mode (``AdaSparkConfig.budget``): ``budget`` is the target fraction of the dense decoder
+    FLOPs, ``budget_floor`` the least fraction the last prefill could have executed (``None``
+    without a steered prefill), ``budget_search_flops`` the selection work its threshold searches
+    probed (not in ``llm_flops_sparse``); :attr:`budget_reachable` compares the two.
     """
 
     layers: list[LayerReport]
@@ -98,6 +118,21 @@ class Report:
     forward_calls: int
     decode_steps: int = 0
     sparse_decode_steps: int = 0
+    budget: float | None = None
+    budget_floor: float | None = None
+    budget_search_flops: float = 0.0
+
+    @property
+    def budget_reachable(self) -> bool | None:
+        """Budget mode: whether the budget lies at or above the floor (None outside budget mode)."""
+        if self.budget is None or self.budget_floor is None:
+            return None
+        return self.budget >= self.budget_floor
+
+    @property
+    def llm_fraction(self) -> float:
+        """Executed over dense decoder FLOPs (1.0 when nothing ran)."""
+        return self.llm_flops_sparse / self.llm_flops_dense if self.llm_flops_dense else 1.0
 
     @property
     def saved(self) -> float:
@@ -137,6 +172,7 @@ class Report:
             saved_ideal=self.saved_ideal,
             llm_saved=self.llm_saved,
             llm_saved_ideal=self.llm_saved_ideal,
+            budget_reachable=self.budget_reachable,
         )
         return d
 
@@ -154,7 +190,48 @@ class Report:
                 f"attention sparse in {len(self.sparse_attention_layers)} of {len(self.layers)} layers"
                 + (f" ({fallbacks} layer calls ran dense: sparse would not pay)" if fallbacks else "")
             )
+        if self.budget is not None:
+            line = f"budget {self.budget:.2f} of dense decoder FLOPs: executed {self.llm_fraction:.2f}"
+            if self.budget_reachable is False:
+                line += f" (not reachable: floor {self.budget_floor:.2f})"
+            elif self.budget_floor is None:
+                line += " (no video prefill to steer)"
+            if self.budget_search_flops and self.llm_flops_dense:
+                line += f"; threshold search {self.budget_search_flops / self.llm_flops_dense:.1%} of dense"
+            lines.append(line)
         return "\n".join(lines)
+
+
+def proj_flops(dims: LayerDims, rows: int) -> float:
+    """q/k/v and output projections of ``rows`` token rows."""
+    d, hq, hkv, hd = dims.hidden, dims.heads, dims.kv_heads, dims.head_dim
+    return 2.0 * rows * d * (hq * hd + 2 * hkv * hd) + 2.0 * rows * hq * hd * d
+
+
+def attention_flops(dims: LayerDims, entries: float) -> float:
+    """``QKᵀ`` and ``AV`` of ``entries`` score entries (summed over heads)."""
+    return 4.0 * dims.head_dim * entries
+
+
+def ffn_flops(dims: LayerDims, rows: float) -> float:
+    """The SwiGLU FFN of ``rows`` rows."""
+    return 6.0 * dims.hidden * dims.intermediate * rows
+
+
+def selection_flops(dims: LayerDims, mean_key_tokens: int, candidates: float, selections: float) -> float:
+    """Cube mean keys of ``mean_key_tokens`` keys and the score/softmax/sort of ``candidates``
+    (query, head, candidate cube) entries over ``selections`` selections."""
+    hd = dims.head_dim
+    avg_c = max(2.0, candidates / selections) if selections else 2.0
+    per_candidate = 2 * hd + 5 + math.ceil(math.log2(avg_c))
+    return float(dims.kv_heads * hd * mean_key_tokens) + candidates * per_candidate
+
+
+def ffn_overhead_flops(dims: LayerDims, video_tokens: int, active_video: int, compensated: int) -> float:
+    """AdaS-FFN's own work: the norm score of every video token and, when some token was skipped,
+    the cube sums and the copies of the mean."""
+    comp = float(dims.hidden) * (active_video + compensated) if compensated else 0.0
+    return 2.0 * dims.hidden * video_tokens + comp
 
 
 def layer_flops(
@@ -169,26 +246,25 @@ def layer_flops(
 
     ``ffn`` is None when the FFN ran densely (then ``rows`` rows went through it).
     """
-    d, hq, hkv, hd, inter = dims.hidden, dims.heads, dims.kv_heads, dims.head_dim, dims.intermediate
-    proj = 2.0 * rows * d * (hq * hd + 2 * hkv * hd) + 2.0 * rows * hq * hd * d
-    attn_dense = 4.0 * hd * hq * attn.causal_pairs
-    ffn_dense = 6.0 * d * inter * rows
+    proj = proj_flops(dims, rows)
+    attn_dense = attention_flops(dims, dims.heads * attn.causal_pairs)
+    ffn_dense = ffn_flops(dims, rows)
     dense = proj + attn_dense + ffn_dense
     if not sparse:
         bd = {"proj": proj, "attn": attn_dense, "select": 0.0, "ffn": ffn_dense, "compensation": 0.0}
         return dense, dense, dense, bd
-    attn_exec = 4.0 * hd * attn.executed
-    attn_ideal = 4.0 * hd * float(attn.attended.sum())
-    cand = float(attn.candidates_sum.sum())
-    n_sel = float(attn.selections.sum())
-    avg_c = max(2.0, cand / n_sel) if n_sel else 2.0
-    select = float(hkv * hd * attn.mean_key_tokens) + cand * (2 * hd + 5 + math.ceil(math.log2(avg_c)))
+    attn_exec = attention_flops(dims, attn.executed)
+    attn_ideal = attention_flops(dims, float(attn.attended.sum()))
+    select = selection_flops(
+        dims, attn.mean_key_tokens, float(attn.candidates_sum.sum()), float(attn.selections.sum())
+    )
     if ffn is None:
         ffn_sparse, comp = ffn_dense, 0.0
     else:
-        ffn_sparse = 6.0 * d * inter * ffn.ffn_rows
-        comp = float(d) * (ffn.active_video + ffn.compensated) if ffn.compensated else 0.0
-        select += 2.0 * d * ffn.video_tokens
+        ffn_sparse = ffn_flops(dims, ffn.ffn_rows)
+        over = ffn_overhead_flops(dims, ffn.video_tokens, ffn.active_video, ffn.compensated)
+        select += 2.0 * dims.hidden * ffn.video_tokens
+        comp = over - 2.0 * dims.hidden * ffn.video_tokens
     sparse_exec = proj + attn_exec + select + ffn_sparse + comp
     sparse_ideal = proj + attn_ideal + select + ffn_sparse + comp
     bd = {"proj": proj, "attn": attn_exec, "select": select, "ffn": ffn_sparse, "compensation": comp}
@@ -209,12 +285,18 @@ def build_report(
     forward_calls: int = 0,
     decode_steps: int = 0,
     sparse_decode_steps: int = 0,
+    budget: float | None = None,
+    budget_floor: float | None = None,
+    budget_search_flops: float = 0.0,
+    thresholds: dict[int, tuple[float | None, float | None]] | None = None,
 ) -> Report:
     """The :class:`Report` of one call from the counters of every decoder layer.
 
     ``rows[i]`` token rows went through layer ``i``; ``sparse_layers`` are the layers not kept dense,
     ``sparse_ffn_layers`` those whose FFN ran AdaS-FFN (their ``ffn_stats`` count). The vision encoder
     and the LM head, which AdaSpark does not change, are added to the whole-model figures.
+    ``budget``, ``budget_floor``, ``budget_search_flops`` and ``thresholds`` (layer -> ``(p_attn,
+    p_ffn)``) are budget mode's (see :class:`Report`).
     """
     layers = []
     tot_d = tot_s = tot_i = 0.0
@@ -241,6 +323,8 @@ def build_report(
                 breakdown=bd,
                 attn_sparse_calls=st.sparse_calls if sparse else 0,
                 attn_dense_calls=st.dense_fallbacks if sparse else 0,
+                p_attn=(thresholds or {}).get(i, (None, None))[0],
+                p_ffn=(thresholds or {}).get(i, (None, None))[1],
             )
         )
     extra = vision_flops + lm_head_flops
@@ -259,4 +343,7 @@ def build_report(
         forward_calls=forward_calls,
         decode_steps=decode_steps,
         sparse_decode_steps=sparse_decode_steps,
+        budget=budget,
+        budget_floor=budget_floor,
+        budget_search_flops=budget_search_flops,
     )

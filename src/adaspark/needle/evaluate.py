@@ -157,6 +157,7 @@ def standard_variants(
     families: Sequence[str] = ("top_p", "top_k", "ratio", "no_comp"),
     reference_frames: int = 256,
     reference_size: tuple[int, int] = (112, 112),
+    flop_budgets: Sequence[float] = (),
 ) -> list[Variant]:
     """Dense plus, for every ``p``, the requested families (in this order per ``p``).
 
@@ -171,6 +172,8 @@ def standard_variants(
         budgets: Measured budgets per ``p`` (from :func:`calibrate_budgets`); missing ``p`` values
             use the ``p²`` prior (see the module docstring).
         reference_frames / reference_size: The video whose cube count scales ``top_k`` in the prior.
+        flop_budgets: Budget-mode targets (``AdaSparkConfig.budget``, fractions of the dense decoder
+            FLOPs), one ``budget@B`` variant each, after the others.
 
     Raises:
         ValueError: a bad ``p`` or an unknown family.
@@ -198,6 +201,8 @@ def standard_variants(
             else:
                 cfg = base.replace(policy="top_p", p=p, mean_compensation=False)
                 out.append(Variant(f"top_p@{p:g}-nocomp", cfg))
+    for b in flop_budgets:
+        out.append(Variant(f"budget@{b:g}", base.replace(policy="top_p", budget=b)))
     return out
 
 
@@ -566,6 +571,8 @@ def _variant_info(row: dict) -> dict:
     comp = cfg.get("mean_compensation", True)
     policy = cfg.get("policy", "top_p")
     family = policy if comp else f"{policy}, no mean comp."
+    if cfg.get("budget") is not None:
+        family = "budget" if comp else "budget, no mean comp."
     return {
         "family": family,
         "policy": policy,

@@ -30,6 +30,7 @@ video tokens and no such prompt is an error.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
@@ -39,7 +40,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from adaspark.config import AdaSparkConfig
 from adaspark.core import calibration
-from adaspark.core.accounting import LayerDims, Report, build_report
+from adaspark.core.accounting import LayerDims, Report, build_report, selection_flops
+from adaspark.core.budget import BudgetController, Snapshot, search_threshold
 from adaspark.core.layout import VIDEO, Layout
 from adaspark.integrations.transformers import attention as attn_backend
 from adaspark.integrations.transformers import compat
@@ -50,9 +52,22 @@ from adaspark.integrations.transformers.adapters import (
     get_adapter,
 )
 from adaspark.integrations.transformers.adapters.base import bind_call, set_instance_attr
-from adaspark.ops.attention import AttentionStats, cube_sparse_attention, reference_attention_mask
+from adaspark.ops.attention import _BLOCK_SIZES as BLOCK_SIZES
+from adaspark.ops.attention import (
+    BLOCK_KERNELS,
+    AttentionStats,
+    cube_sparse_attention,
+    reference_attention_mask,
+    resolve_attention_backend,
+)
+from adaspark.ops.attention.blocks import plan_blocks
+from adaspark.ops.attention.common import causal_valid_pairs, prepare_inputs
+from adaspark.ops.attention.cost import cube_estimate
+from adaspark.ops.budget import P_MIN, top_p_for_fraction
 from adaspark.ops.cubes import CubeIndex, build_cube_index, cube_mean_keys
 from adaspark.ops.ffn import FFNStats, cube_sparse_ffn, token_scores
+from adaspark.ops.ffn.common import cube_token_probs
+from adaspark.ops.selection import SelectionPolicy, keep_from_probs
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "AdaSparkHandle", "patch"]
 
@@ -61,6 +76,9 @@ _PATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 #: vision module -> {call key: FLOPs} measured once with FlopCounterMode
 _VISION_FLOPS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+#: budget mode: bisection steps of a layer's attention threshold (probes of the block plan)
+BUDGET_SEARCH_STEPS = 7
 
 #: the inputs of the patched ``generate`` calls running now, innermost last (an assistant model's
 #: own ``generate`` runs inside the main model's and sees its prompt without the video grids)
@@ -132,6 +150,10 @@ class _Forward:
     residual: dict = field(default_factory=dict)
     #: some layer of this forward ran AdaS-Attn's sparse path
     ran_sparse: bool = False
+    #: budget mode, a prefill: the controller choosing this forward's thresholds
+    budget: BudgetController | None = None
+    #: budget mode: layer -> its counters before this forward, its attention floor (FLOPs)
+    budget_open: dict = field(default_factory=dict)
     _ffn_ids: torch.Tensor | None = None
     _ffn_index: CubeIndex | None = None
 
@@ -167,8 +189,14 @@ class _State:
         self.dense_layers = {i for i in range(n_layers) if config.is_dense_layer(i, n_layers)}
         self.attn_policy = config.attn_policy()
         self.ffn_policy = config.ffn_policy()
-        #: dense-or-sparse decisions per layer from this machine's measured costs (config.cost_model)
-        self.cost_model = calibration.cost_model() if config.cost_model else None
+        #: dense-or-sparse decisions per layer from this machine's measured costs (config.cost_model;
+        #: not applied in budget mode: a dense layer would spend the budget)
+        use_costs = config.cost_model and config.budget is None
+        self.cost_model = calibration.cost_model() if use_costs else None
+        #: budget mode: layer -> (p_attn, p_ffn) of the last prefill, which later forwards reuse
+        self.budget_p: dict[int, tuple[float | None, float | None]] = {}
+        #: budget mode: the controller of the last prefill (for the report)
+        self.budget_last: BudgetController | None = None
         self.prompt: _Prompt | None = None
         #: KV cache -> the sequence it holds
         self.caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -197,6 +225,7 @@ class _State:
         self.calls = 0
         self.decode_steps = 0
         self.sparse_decode_steps = 0
+        self.budget_last = None  # a new call: its own prefill (if any) steers the budget
 
     def sparse_ffn_layer(self, i: int) -> bool:
         return self.config.sparse_ffn and i not in self.dense_layers
@@ -328,6 +357,10 @@ class _State:
         seq = _Sequence.build(layout, bsz, ref.device)
         self.seq = seq
         self.fwd = _Forward(seq=seq, offset=0, length=n, bsz=bsz)
+        if self.config.budget is not None and seq.index.max_cubes > 0:
+            ctl = BudgetController(self.config.budget, self.dims, self.num_layers, self.dense_layers)
+            self.fwd.budget = self.budget_last = ctl
+            self.budget_p = {}
         if cache is not None:
             self.caches[cache] = seq
 
@@ -360,16 +393,39 @@ class _State:
         st = self.attn_stats[li]
         cfg = self.config
         seq = fwd.seq
+        ctl = fwd.budget
+        if ctl is not None and (li in self.dense_layers or nq != nk or segments is not None or want_weights):
+            ctl = None  # budget mode steers whole prefills of the non-dense layers
+        if ctl is not None:
+            pairs = (
+                int(causal_valid_pairs(key_valid, nq).sum())
+                if key_valid is not None
+                else nq * (nq + 1) // 2 * bsz
+            )
+            ctl.start(li, rows=bsz * nq, causal_pairs=pairs)
+            fwd.budget_open[li] = (Snapshot.take(st, self.ffn_stats[li]), None)
         if li in self.dense_layers or not cfg.sparse_attn or seq.index.max_cubes == 0:
-            return attn_backend.dense_attention(
+            out = attn_backend.dense_attention(
                 q, k, v, scaling, key_valid, segments=segments, want_weights=want_weights, stats=st
             )
+            if ctl is not None and not self.sparse_ffn_layer(li):
+                self._budget_finish(li, None, None)
+            return out
         cube_ids = seq.cube_ids_for(bsz, nk)
+        policy = self._attn_policy(li)
         if segments is not None:
             fwd.ran_sparse = True
             return attn_backend.per_segment(
                 lambda qs, ks, vs, kv, s, e: self._sparse(
-                    qs, ks, vs, _renumber(cube_ids[:, s:e]), kv, scaling, st, want_weights=want_weights
+                    qs,
+                    ks,
+                    vs,
+                    _renumber(cube_ids[:, s:e]),
+                    kv,
+                    scaling,
+                    st,
+                    want_weights=want_weights,
+                    policy=policy,
                 ),
                 q,
                 k,
@@ -396,18 +452,130 @@ class _State:
         if fwd.offset and not fwd.ran_sparse:
             self.sparse_decode_steps += 1
         fwd.ran_sparse = True
-        return self._sparse(q, k, v, cube_ids, key_valid, scaling, st, mk, index, want_weights)
+        if ctl is None:
+            return self._sparse(q, k, v, cube_ids, key_valid, scaling, st, mk, index, want_weights, policy)
+        return self._budget_attention(li, ctl, q, k, v, cube_ids, key_valid, scaling, st, mk, index, policy)
 
-    def _sparse(self, q, k, v, cube_ids, key_valid, scaling, st, mk=None, index=None, want_weights=False):
+    def _attn_policy(self, li: int) -> SelectionPolicy:
+        """AdaS-Attn's policy in layer ``li``: budget mode reuses the last prefill's threshold."""
+        p = self.budget_p.get(li, (None, None))[0]
+        return self.attn_policy if p is None else dataclasses.replace(self.attn_policy, p=p)
+
+    def _ffn_policy(self, li: int) -> SelectionPolicy:
+        p = self.budget_p.get(li, (None, None))[1]
+        return self.ffn_policy if p is None else dataclasses.replace(self.ffn_policy, p=p)
+
+    def _budget_attention(self, li, ctl, q, k, v, cube_ids, key_valid, scaling, st, mk, index, policy):
+        """A prefill's sparse attention in budget mode: the Top-p threshold whose kernel executes the
+        layer's share of the attention work, then the normal sparse attention.
+
+        What a block kernel executes at a threshold is read from its plan (the selection and the
+        block pattern, :func:`~adaspark.ops.attention.blocks.plan_blocks`): once at the smallest
+        threshold (the floor), then a bisection started from the ``C × C`` cube estimate
+        (:func:`~adaspark.ops.attention.cost.cube_estimate`). The probes' selection work is
+        reported as the layer's search FLOPs. Paths without a block plan use the estimate alone. What
+        the kernel then executed over what its probe said corrects the floor and the next layer's aim.
+        """
         cfg = self.config
+        fwd = self.fwd
+        inputs = prepare_inputs(
+            q, k, None, cube_ids, policy=policy, scale=scaling, key_mask=key_valid,
+            mean_keys=mk, index=index, granularity=cfg.granularity,
+        )  # fmt: skip
+        est = cube_estimate(q, inputs)
+        lay = ctl.layers[li]
+        dense_entries = float(inputs.hq * causal_valid_pairs(inputs.key_mask, inputs.nq).sum())
+        name = resolve_attention_backend(
+            cfg.backend, q.device, q.dtype, prefill=True, granularity=cfg.granularity,
+            video_queries=True, num_tokens=inputs.nk, num_queries=inputs.nq,
+            flex_min_tokens=cfg.flex_min_tokens,
+            needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+        )  # fmt: skip
+        probes: dict[float, float] = {}
+
+        def executed(p: float) -> float:
+            if p not in probes:
+                pol = dataclasses.replace(policy, p=p)
+                if name in BLOCK_KERNELS and est is not None:
+                    scratch = AttentionStats(inputs.hq, inputs.d, inputs.hkv)
+                    plan = plan_blocks(
+                        q, dataclasses.replace(inputs, policy=pol),
+                        block=cfg.query_block or BLOCK_SIZES[name], stats=scratch,
+                    )  # fmt: skip
+                    lay.search_flops += selection_flops(
+                        self.dims, 0, float(scratch.candidates_sum.sum()), float(scratch.selections.sum())
+                    )
+                    probes[p] = float(plan.executed)
+                elif est is not None:
+                    keep = keep_from_probs(est.probs, est.cand.expand_as(est.probs), pol)
+                    probes[p] = est.other + float((keep * est.pairs).sum())
+                else:
+                    probes[p] = dense_entries
+            return probes[p]
+
+        p_attn = 1.0
+        floor = executed(P_MIN) if est is not None else None
+        if est is not None and not ctl.wants_dense(li):
+            ids, _ = fwd.ffn_ids(q.device)
+            video = int((ids >= 0).sum())
+            cubes = int((fwd.seq.index.counts > 0).sum())
+            sparse_ffn = self.sparse_ffn_layer(li) and video > 0
+            rows = fwd.bsz * fwd.length
+            r = ctl.attention_fraction(
+                li,
+                other_entries=floor,
+                candidate_entries=max(dense_entries - floor, 0.0),
+                ffn_fixed_rows=rows - video + cubes if sparse_ffn else rows,
+                ffn_free_rows=video - cubes if sparse_ffn else 0,
+                ffn_overhead=3.0 * self.dims.hidden * video if sparse_ffn else 0.0,
+            )
+            if r < 1.0:
+                want = floor + r * max(dense_entries - floor, 0.0)
+                # a kernel may execute other than its plan says (gather: the union of a GQA group's
+                # blocks; reference: every entry): aim with the ratio the last layer measured
+                guess = top_p_for_fraction(est.probs, est.cand, est.pairs, r)
+                p_attn = search_threshold(executed, want / ctl.attn_ratio, guess, steps=BUDGET_SEARCH_STEPS)
+        policy = dataclasses.replace(policy, p=p_attn)
+        before = st.executed
+        out, _ = self._sparse(q, k, v, cube_ids, key_valid, scaling, st, mk, index, False, policy)
+        if floor is not None and p_attn in probes and probes[p_attn] > 0:
+            ratio = (st.executed - before) / probes[p_attn]
+            ctl.attn_ratio = ratio
+            # at the smallest threshold the kernel's count is the floor itself
+            floor = float(st.executed - before) if p_attn == P_MIN else floor * ratio
+        lay.p_attn = p_attn
+        snap, _ = fwd.budget_open[li]
+        fwd.budget_open[li] = (snap, floor)
+        if not self.sparse_ffn_layer(li):
+            self._budget_finish(li, None, None)
+        return out, None
+
+    def _budget_finish(self, li: int, ffn: FFNStats | None, ffn_min_rows: float | None) -> None:
+        fwd = self.fwd
+        snap, attn_floor = fwd.budget_open.pop(li)
+        lay = fwd.budget.layers[li]
+        fwd.budget.finish(
+            li,
+            attention=snap.attn_delta(self.attn_stats[li]),
+            ffn=None if ffn is None else snap.ffn_delta(ffn),
+            attn_floor_entries=attn_floor,
+            ffn_min_rows=ffn_min_rows,
+        )
+        self.budget_p[li] = (lay.p_attn, lay.p_ffn)
+
+    def _sparse(
+        self, q, k, v, cube_ids, key_valid, scaling, st, mk=None, index=None, want_weights=False, policy=None
+    ):
+        cfg = self.config
+        policy = self.attn_policy if policy is None else policy
         if want_weights:
             # inspection: the reference path, and the probabilities of what it attended
             out = cube_sparse_attention(
-                q, k, v, cube_ids, policy=self.attn_policy, scale=scaling, key_mask=key_valid,
+                q, k, v, cube_ids, policy=policy, scale=scaling, key_mask=key_valid,
                 backend="reference", mean_keys=mk, index=index, stats=st, granularity=cfg.granularity,
             )  # fmt: skip
             keep = reference_attention_mask(
-                q, k, cube_ids, policy=self.attn_policy, scale=scaling,
+                q, k, cube_ids, policy=policy, scale=scaling,
                 key_mask=key_valid, mean_keys=mk, index=index, granularity=cfg.granularity,
             )  # fmt: skip
             w = attn_backend.causal_weights(q, k, scaling, keep=keep, key_valid=key_valid)
@@ -420,7 +588,7 @@ class _State:
             k,
             v,
             cube_ids,
-            policy=self.attn_policy,
+            policy=policy,
             scale=scaling,
             key_mask=key_valid,
             backend=backend,
@@ -451,22 +619,52 @@ class _State:
             ids, index = fwd.ffn_ids(h.device)
             if index is None:
                 ids = None
+        budget = fwd is not None and li in fwd.budget_open
         if ids is None:
             st.tokens += bsz * n
             st.ffn_rows += bsz * n
-            return dense_forward(h)
-        return cube_sparse_ffn(
+            out = dense_forward(h)
+            if budget:
+                self._budget_finish(li, st, None)
+            return out
+        scores = token_scores(x)
+        policy = self._ffn_policy(li)
+        min_rows = None
+        if budget:
+            ctl = fwd.budget
+            probs, valid = cube_token_probs(scores, index)
+            nonvideo, video = int((ids < 0).sum()), int((ids >= 0).sum())
+            min_rows = nonvideo + int(valid.any(-1).sum())
+            p_ffn = 1.0
+            if not ctl.wants_dense(li):
+                snap, _ = fwd.budget_open[li]
+                f = ctl.ffn_fraction(
+                    li,
+                    attention=snap.attn_delta(self.attn_stats[li]),
+                    nonvideo_rows=nonvideo,
+                    video_tokens=video,
+                )
+                n_valid = int(valid.sum())
+                share = f * video / n_valid if n_valid else 1.0
+                if share < 1.0:
+                    p_ffn = top_p_for_fraction(probs, valid, 1.0, share)
+            policy = dataclasses.replace(policy, p=p_ffn)
+            ctl.layers[li].p_ffn = p_ffn
+        out = cube_sparse_ffn(
             h,
             dense_forward,
             ids,
-            policy=self.ffn_policy,
-            scores=token_scores(x),
+            policy=policy,
+            scores=scores,
             mean_compensation=self.config.mean_compensation,
             backend=self.config.backend,
             index=index,
             stats=st,
             ffn_sum_chunk=self.config.ffn_sum_chunk,
         )
+        if budget:
+            self._budget_finish(li, st, min_rows)
+        return out
 
     # ---------------------------------------------------------------- FLOPs of the rest
     def vision_pre(self, module, args, kwargs) -> None:
@@ -512,6 +710,10 @@ class _State:
             forward_calls=self.calls,
             decode_steps=self.decode_steps,
             sparse_decode_steps=self.sparse_decode_steps,
+            budget=self.config.budget,
+            budget_floor=None if self.budget_last is None else self.budget_last.floor_fraction,
+            budget_search_flops=0.0 if self.budget_last is None else self.budget_last.search_flops,
+            thresholds=self.budget_p,
         )
 
 

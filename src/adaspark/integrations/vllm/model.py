@@ -224,6 +224,10 @@ def _check_engine(vllm_config: VllmConfig, config: AdaSparkConfig) -> None:
         problems.append("tensor / pipeline parallelism is not supported yet (use tensor_parallel_size=1)")
     if config.images_as_video:
         problems.append("AdaSparkConfig.images_as_video is not supported in vLLM (images stay dense)")
+    if config.budget is not None:
+        problems.append(
+            "AdaSparkConfig.budget (budget mode) is not supported in vLLM yet (set p / p_attn / p_ffn)"
+        )
     if problems:
         raise ValueError("AdaSpark in vLLM: " + "; ".join(problems))
 

@@ -39,7 +39,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MARGIN", "CostFit", "CostModel", "estimate_executed", "measure_costs"]
+__all__ = [
+    "MARGIN",
+    "CostFit",
+    "CostModel",
+    "CubeEstimate",
+    "cube_estimate",
+    "estimate_executed",
+    "measure_costs",
+]
 
 #: the sparse kernel runs only if its predicted time is below this fraction of dense (noise margin)
 MARGIN = 0.9
@@ -72,6 +80,59 @@ class CostFit:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class CubeEstimate:
+    """The ``C × C`` picture of a prefill's selection that :func:`estimate_executed` scores.
+
+    Attributes:
+        probs: ``[B, Hq, C, C]`` float32 distribution of each cube's mean query over the candidate
+            cubes (the cubes other than its own that start before it ends).
+        cand: ``[B, 1, C, C]`` bool candidates.
+        pairs: ``[B, 1, C, C]`` float64 token pairs of each (query cube, key cube), ``n_i · n_j``:
+            what a block kernel computes when it keeps the cube.
+        total: causal (valid query, valid key) pairs over the batch, times the heads ``Hq``.
+        other: entries outside the candidate pairs (text, own cubes), over heads.
+    """
+
+    probs: torch.Tensor
+    cand: torch.Tensor
+    pairs: torch.Tensor
+    total: float
+    other: float
+
+
+@torch.no_grad()
+def cube_estimate(q: torch.Tensor, inputs, pairs: float | None = None) -> CubeEstimate | None:
+    """The :class:`CubeEstimate` of a prefill (``None`` without cubes or for new tokens after a
+    cache). ``inputs``: the call's :class:`~adaspark.ops.attention.common.AttentionInputs`;
+    ``pairs``: its causal pairs per head over the batch, if the caller has them."""
+    from adaspark.ops.attention.common import causal_valid_pairs
+    from adaspark.ops.cubes import cube_mean_keys
+    from adaspark.ops.selection import masked_softmax
+
+    idx = inputs.index
+    c = idx.max_cubes
+    if c == 0 or inputs.nq != inputs.nk:
+        return None
+    if pairs is None:
+        pairs = float(causal_valid_pairs(inputs.key_mask, inputs.nq).sum())
+    bsz, hq, hkv, d = inputs.bsz, inputs.hq, inputs.hkv, inputs.d
+    g = hq // hkv
+    qm = cube_mean_keys(q, idx)  # [B, Hq, C, D] mean query of every cube
+    scores = torch.matmul(qm.view(bsz, hkv, g * c, d), inputs.mean_keys.transpose(-1, -2))
+    scores = scores.view(bsz, hq, c, c) * inputs.scale
+    n = idx.counts.to(torch.float64)  # [B, C]
+    last = idx.token_idx.amax(-1)  # [B, C]
+    present = idx.counts > 0
+    cand = (idx.first_pos[:, None, :] <= last[:, :, None]) & present[:, :, None] & present[:, None, :]
+    cand &= ~torch.eye(c, dtype=torch.bool, device=cand.device)[None]
+    probs = masked_softmax(scores, cand[:, None])
+    pair_n = (n[:, :, None] * n[:, None, :])[:, None]  # [B, 1, C, C]
+    total = pairs * hq
+    other = max(total - float((cand[:, None] * pair_n).sum()) * hq, 0.0)
+    return CubeEstimate(probs=probs, cand=cand[:, None], pairs=pair_n, total=total, other=other)
+
+
 @torch.no_grad()
 def estimate_executed(q: torch.Tensor, inputs, pairs: float | None = None) -> float:
     """Score entries a block kernel would compute for a prefill, estimated before selecting.
@@ -79,37 +140,21 @@ def estimate_executed(q: torch.Tensor, inputs, pairs: float | None = None) -> fl
     Each cube's mean query (per head) is scored against the cube mean keys of its candidates (the
     other cubes that start before it ends) and the call's policy keeps a set; the estimate counts
     every pair that is not a (video query, candidate cube) pair — text, own cube — plus the kept
-    candidate pairs, with each cube's queries seeing each kept cube whole. ``inputs`` is the call's
+    candidate pairs, with each cube's queries seeing each kept cube whole
+    (:func:`cube_estimate`). ``inputs`` is the call's
     :class:`~adaspark.ops.attention.common.AttentionInputs` (with its mean keys); ``pairs``, its
     causal (valid query, valid key) pairs per head over the batch, if the caller has them.
     """
     from adaspark.ops.attention.common import causal_valid_pairs
-    from adaspark.ops.cubes import cube_mean_keys
-    from adaspark.ops.selection import keep_from_probs, masked_softmax
+    from adaspark.ops.selection import keep_from_probs
 
-    idx = inputs.index
-    if pairs is None:
-        pairs = float(causal_valid_pairs(inputs.key_mask, inputs.nq).sum())
-    total = pairs * inputs.hq
-    c = idx.max_cubes
-    if c == 0 or inputs.nq != inputs.nk:
-        return total
-    bsz, hq, hkv, d = inputs.bsz, inputs.hq, inputs.hkv, inputs.d
-    g = hq // hkv
-    qm = cube_mean_keys(q, idx)  # [B, Hq, C, D] mean query of every cube
-    scores = torch.matmul(qm.view(bsz, hkv, g * c, d), inputs.mean_keys.transpose(-1, -2))
-    scores = scores.view(bsz, hq, c, c) * inputs.scale
-    n = idx.counts.to(torch.float32)  # [B, C]
-    last = idx.token_idx.amax(-1)  # [B, C]
-    present = idx.counts > 0
-    cand = (idx.first_pos[:, None, :] <= last[:, :, None]) & present[:, :, None] & present[:, None, :]
-    cand &= ~torch.eye(c, dtype=torch.bool, device=cand.device)[None]
-    probs = masked_softmax(scores, cand[:, None])
-    keep = keep_from_probs(probs, cand[:, None].expand_as(probs), inputs.policy)
-    pair_n = n[:, :, None] * n[:, None, :]  # [B, C, C] (query cube, key cube) token pairs
-    cand_pairs = float((cand * pair_n).sum()) * hq
-    kept_pairs = float((keep * pair_n[:, None]).sum())
-    return max(total - cand_pairs, 0.0) + kept_pairs
+    est = cube_estimate(q, inputs, pairs)
+    if est is None:
+        if pairs is None:
+            pairs = float(causal_valid_pairs(inputs.key_mask, inputs.nq).sum())
+        return pairs * inputs.hq
+    keep = keep_from_probs(est.probs, est.cand.expand_as(est.probs), inputs.policy)
+    return est.other + float((keep * est.pairs).sum())
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:

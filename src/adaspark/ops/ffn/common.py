@@ -22,7 +22,14 @@ import torch
 from adaspark.ops.cubes import CubeIndex, build_cube_index
 from adaspark.ops.selection import SelectionPolicy, keep_from_probs
 
-__all__ = ["FFNStats", "check_ffn_inputs", "select_ffn_tokens", "select_ffn_tokens_reference", "token_scores"]
+__all__ = [
+    "FFNStats",
+    "check_ffn_inputs",
+    "cube_token_probs",
+    "select_ffn_tokens",
+    "select_ffn_tokens_reference",
+    "token_scores",
+]
 
 
 @dataclass
@@ -94,6 +101,17 @@ def _cube_probs(s: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(tot > 0, s / torch.where(tot > 0, tot, torch.ones_like(tot)), uni)
 
 
+def cube_token_probs(scores: torch.Tensor, index: CubeIndex) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distribution AdaS-FFN selects from in every cube: ``(probs, valid)``, ``[B, C, S]``
+    (float64, bool) in the layout of ``index.token_idx``; ``valid`` marks the video tokens with a
+    finite score (the others are never selected)."""
+    tidx = index.token_idx  # [B, C, S]
+    flat = tidx.clamp_min(0).reshape(scores.shape[0], -1)
+    s = scores.gather(1, flat).view_as(tidx)
+    valid = (tidx >= 0) & torch.isfinite(s)  # one entry per video token, cheap
+    return _cube_probs(s, valid), valid
+
+
 def select_ffn_tokens(
     scores: torch.Tensor,
     cube_ids: torch.Tensor,
@@ -117,11 +135,8 @@ def select_ffn_tokens(
         return active
     bsz = scores.shape[0]
     tidx = index.token_idx  # [B, C, S]
-    valid = tidx >= 0
-    flat = tidx.clamp_min(0).reshape(bsz, -1)
-    s = scores.gather(1, flat).view_as(tidx)
-    valid = valid & torch.isfinite(s)  # [B, C, S]: one entry per video token, cheap
-    keep = keep_from_probs(_cube_probs(s, valid), valid, policy)  # [B, C, S]
+    probs, valid = cube_token_probs(scores, index)
+    keep = keep_from_probs(probs, valid, policy)  # [B, C, S]
     active = active.clone()
     rows = torch.arange(bsz, device=scores.device)[:, None, None].expand_as(tidx)
     active[rows[keep], tidx[keep]] = True

@@ -4,7 +4,7 @@ Not a test. For generated needle items of each length (frames), one prefill per 
 patched model; prints and writes the executed fraction of the dense decoder FLOPs
 (``Report.llm_flops_sparse / Report.llm_flops_dense``), its error against the budget, the floor
 (the least a prefill of that input can execute) and whether the budget was reachable, and the
-selection work of the threshold search (reported apart, not part of the executed FLOPs).
+selection work of the threshold search (included in the executed FLOPs).
 
     python benchmarks/budget_error.py --model tiny --lengths 64 256 512 --budgets 0.5 0.6 0.7 0.8
 """
@@ -131,7 +131,7 @@ def main(argv=None) -> None:
         "FLOPs); error = executed - budget; floor = the least the prefill could execute (projections, "
         "text, own cubes, one kept cube and token per cube); a budget below the floor is not reachable "
         "and runs at the floor. search = selection work of the attention threshold search (block-plan "
-        "probes), reported apart from the executed FLOPs.\n"
+        "probes), included in the executed FLOPs (the budget pays for its own search).\n"
     )
     for pth in write_outputs(args.out, f"budget_error_{name}", meta, rows, table + note, None):
         print(f"wrote {pth}")

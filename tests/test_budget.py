@@ -287,7 +287,7 @@ def test_eval_bad_budgets_are_usage_errors(value, tmp_path):
     ("config", "grids"),
     [
         (AdaSparkConfig(budget=0.7, dense_layers=(0,)), [[GRIDS["long"]]]),
-        (AdaSparkConfig(budget=0.7, sparse_ffn=False), [[GRIDS["long"]]]),
+        (AdaSparkConfig(budget=0.75, sparse_ffn=False), [[GRIDS["long"]]]),  # attention alone: floor ~0.71
         (AdaSparkConfig(budget=0.7, backend="gather"), [[GRIDS["long"]]]),
         (AdaSparkConfig(budget=0.7), [[GRIDS["long"]], [GRIDS["short"], (4, 8, 8)]]),  # padded batch
     ],
@@ -300,7 +300,7 @@ def test_budget_with_dense_parts_other_kernels_and_batches(model, config, grids)
         rep = h.report()
         assert h._state.cost_model is None  # budget mode never runs the cost model's dense decisions
     assert rep.budget_reachable, rep.summary()
-    assert abs(rep.llm_fraction - 0.7) <= 0.03, rep.summary()
+    assert abs(rep.llm_fraction - config.budget) <= 0.03, rep.summary()
     steered = [lr for lr in rep.layers if not lr.dense]
     assert all(lr.p_attn is not None and lr.p_attn < 1 for lr in steered)
     assert all((lr.p_ffn is None) == (not config.sparse_ffn) for lr in steered)

@@ -101,7 +101,8 @@ class Report:
     Budget mode (``AdaSparkConfig.budget``): ``budget`` is the target fraction of the dense decoder
     FLOPs, ``budget_floor`` the least fraction the last prefill could have executed (``None``
     without a steered prefill), ``budget_search_flops`` the selection work its threshold searches
-    probed (not in ``llm_flops_sparse``); :attr:`budget_reachable` compares the two.
+    probed (included in ``llm_flops_sparse`` and ``flops_sparse``: the budget pays for its own
+    search); :attr:`budget_reachable` compares the two.
     """
 
     layers: list[LayerReport]
@@ -197,7 +198,8 @@ class Report:
             elif self.budget_floor is None:
                 line += " (no video prefill to steer)"
             if self.budget_search_flops and self.llm_flops_dense:
-                line += f"; threshold search {self.budget_search_flops / self.llm_flops_dense:.1%} of dense"
+                share = self.budget_search_flops / self.llm_flops_dense
+                line += f" (its threshold search included: {share:.1%} of dense)"
             lines.append(line)
         return "\n".join(lines)
 
@@ -328,6 +330,8 @@ def build_report(
             )
         )
     extra = vision_flops + lm_head_flops
+    tot_s += budget_search_flops  # budget mode's threshold search: work done, counted as executed
+    tot_i += budget_search_flops
     return Report(
         layers=layers,
         flops_dense=tot_d + extra,

@@ -49,7 +49,8 @@ class BudgetLayer:
             query cube at the measured kernel-to-estimate ratio, one token per cube).
         executed: what it executed.
         p_attn / p_ffn: the thresholds chosen (None where that module ran dense or was not asked).
-        search_flops: the selections the attention threshold search probed (reported apart).
+        search_flops: the selections the attention threshold search probed (part of ``executed``:
+            the search is work the budget pays for).
     """
 
     dense: float
@@ -58,7 +59,7 @@ class BudgetLayer:
     executed: float = 0.0
     p_attn: float | None = None
     p_ffn: float | None = None
-    #: selection work of the threshold search (not part of ``executed``)
+    #: selection work of the threshold search (included in ``executed``)
     search_flops: float = 0.0
 
 
@@ -170,6 +171,8 @@ class BudgetController:
         self.carry = 0.0
         #: score entries the attention kernel executed over what its probe predicted, last layer
         self.attn_ratio = 1.0
+        #: the threshold search's FLOPs in the last finished layer (what the next one expects to pay)
+        self.last_search = 0.0
         self.layers: dict[int, BudgetLayer] = {}
         self._rows: dict[int, int] = {}
         self._pairs: dict[int, int] = {}
@@ -214,6 +217,7 @@ class BudgetController:
             + attention_flops(d, other_entries)
             + ffn_flops(d, ffn_fixed_rows)
             + ffn_overhead
+            + max(self.last_search, lay.search_flops)  # the search this layer is about to pay for
         )
         reducible = attention_flops(d, candidate_entries) + ffn_flops(d, ffn_free_rows)
         if reducible <= 0:
@@ -233,7 +237,7 @@ class BudgetController:
         d, lay = self.dims, self.layers[li]
         rows = self._rows[li]
         _, attn_spent, _, bd = layer_flops(d, rows, attention, None, sparse=True)
-        spent = attn_spent - bd["ffn"]  # projections, attention, selection
+        spent = attn_spent - bd["ffn"] + lay.search_flops  # projections, attention, selection, search
         # norm scores, and (some token skipped) the cube sums and copies of every video token
         overhead = ffn_overhead_flops(d, video_tokens, max(video_tokens - 1, 0), 1)
         left = lay.target - spent - overhead
@@ -258,6 +262,7 @@ class BudgetController:
         """
         d, lay = self.dims, self.layers[li]
         _, executed, _, bd = layer_flops(d, self._rows[li], attention, ffn, sparse=True)
+        executed += lay.search_flops  # the threshold search is work the budget pays for
         floor = executed
         if attn_floor_entries is not None:
             floor += min(attention_flops(d, attn_floor_entries) - bd["attn"], 0.0)
@@ -265,6 +270,7 @@ class BudgetController:
             floor += min(ffn_flops(d, ffn_min_rows) - bd["ffn"], 0.0)
         lay.executed = executed
         lay.floor = floor
+        self.last_search = lay.search_flops
         self.carry += self.layer_fraction * lay.dense - executed
 
     # ------------------------------------------------------------------ whole prefill

@@ -171,6 +171,8 @@ class BudgetController:
         self.carry = 0.0
         #: score entries the attention kernel executed over what its probe predicted, last layer
         self.attn_ratio = 1.0
+        #: whether ``attn_ratio`` has been measured (a steered layer ran its kernel)
+        self.ratio_measured = False
         #: the threshold search's FLOPs in the last finished layer (what the next one expects to pay)
         self.last_search = 0.0
         self.layers: dict[int, BudgetLayer] = {}

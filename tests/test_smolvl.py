@@ -537,3 +537,19 @@ def test_default_model_is_smolvl_through_the_one_loader(real, monkeypatch):
     assert code == 0, out.getvalue()
     text = out.getvalue()
     assert "smolvl-needle" in text and "FLOPs saved" in text and "dense" in text
+
+
+def test_old_exports_are_pruned_recent_ones_kept(tmp_path):
+    import os
+    import time
+
+    keep = tmp_path / "new"
+    for name, age in (("new", 0), ("recent", 3600), ("old", 3 * 24 * 3600), ("partial", 10 * 24 * 3600)):
+        d = tmp_path / name
+        d.mkdir()
+        if name != "partial":  # a directory without the marker is not an export: left alone
+            (d / sv._EXPORT_MARKER).write_text("{}")
+            t = time.time() - age
+            os.utime(d / sv._EXPORT_MARKER, (t, t))
+    sv._prune_exports(keep)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "partial", "recent"]

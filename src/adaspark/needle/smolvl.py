@@ -524,6 +524,7 @@ def default_checkpoint(trained: str | os.PathLike | None = None, *, download: bo
     digest = _digest(directory)
     dest = cache_dir() / EXPORT_DIRNAME / digest
     if (dest / _EXPORT_MARKER).is_file():
+        os.utime(dest / _EXPORT_MARKER)  # in use: not pruned
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest) + ".lock", timeout=1800):
@@ -539,7 +540,27 @@ def default_checkpoint(trained: str | os.PathLike | None = None, *, download: bo
         if dest.exists():  # an incomplete earlier attempt
             shutil.rmtree(dest)
         os.replace(tmp, dest)
+        _prune_exports(dest)
     return dest
+
+
+#: exports of other trained parts are removed once unused for this long (each is ~0.5 GB)
+EXPORT_KEEP_S = 24 * 3600
+
+
+def _prune_exports(keep: Path) -> None:
+    """Remove the cache's other SmolVL exports whose marker is older than :data:`EXPORT_KEEP_S` (old
+    versions of the trained parts; a recent one may still be loading in another process)."""
+    import time
+
+    now = time.time()
+    for other in keep.parent.iterdir():
+        marker = other / _EXPORT_MARKER
+        if other == keep or not other.is_dir() or not marker.is_file():
+            continue
+        if now - marker.stat().st_mtime > EXPORT_KEEP_S:
+            shutil.rmtree(other, ignore_errors=True)
+            other.with_name(other.name + ".lock").unlink(missing_ok=True)
 
 
 def describe(directory: str | os.PathLike) -> str | None:

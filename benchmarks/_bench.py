@@ -56,6 +56,18 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def median_time(fn: Callable[[], object], repeats: int, *, warmup: bool = True) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` (after one untimed call when ``warmup``)."""
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: str = "cpu") -> dict[str, dict]:
     """Time every function ``repeats`` times, interleaved; returns ``{name: stats}``.
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,18 +23,8 @@ import torch.nn.functional as F
 
 from adaspark.ops.attention import BLOCK_KERNELS, plan_blocks, prepare_inputs, run_blocks
 
-from _bench import machine, markdown_table, write_outputs
+from _bench import machine, markdown_table, median_time, write_outputs
 from attention_speed import synthetic
-
-
-def _median(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv=None) -> None:
@@ -61,7 +49,7 @@ def main(argv=None) -> None:
     for n in args.lengths:
         q, k, v, ids = synthetic(n, hq, hkv, d, 0.5, 3, torch.float32, "cpu")[:4]
         ntok = ids.shape[1]
-        td = _median(
+        td = median_time(
             lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, enable_gqa=hq != hkv
             ),
@@ -69,9 +57,9 @@ def main(argv=None) -> None:
         )
         for p in args.p:
             inp = prepare_inputs(q, k, v, ids, p, granularity="cube")
-            ts = _median(lambda q=q, inp=inp: plan_blocks(q, inp, block=64), args.repeats)
+            ts = median_time(lambda q=q, inp=inp: plan_blocks(q, inp, block=64), args.repeats)
             plan = plan_blocks(q, inp, block=64)
-            tk = _median(
+            tk = median_time(
                 lambda q=q, k=k, v=v, plan=plan: run_blocks(q, k, v, plan, kernel=BLOCK_KERNELS[args.kernel]),
                 args.repeats,
             )

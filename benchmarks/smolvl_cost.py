@@ -25,15 +25,15 @@ import argparse
 import json
 import platform
 import resource
-import statistics
 import sys
-import time
 
 import torch
 
 from adaspark.needle import model as nm
 from adaspark.needle import smolvl as sv
 from adaspark.needle.smollm2 import load_smollm2
+
+from _bench import median_time
 
 TOKENS_PER_FRAME = 8  # 112×112 frames: 4×4 LM tokens per 2-frame temporal patch
 
@@ -58,15 +58,6 @@ def inputs_for(tokenizer, total: int) -> dict:
     )
     enc["frames"] = frames
     return enc
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -110,9 +101,9 @@ def main(argv=None) -> int:
             "tokens": n,
             "video_tokens": int((kw["mm_token_type_ids"] == 2).sum()),
             "frames": enc["frames"],
-            "vision_forward_s": timed(vision, args.repeats),
-            "forward_s": timed(fwd, args.repeats),
-            "train_step_s": timed(step, args.repeats),
+            "vision_forward_s": median_time(vision, args.repeats, warmup=False),
+            "forward_s": median_time(fwd, args.repeats, warmup=False),
+            "train_step_s": median_time(step, args.repeats, warmup=False),
             "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         }
         rows.append(row)

@@ -126,6 +126,14 @@ def test_fits_are_cached_on_disk_per_machine(tmp_path, monkeypatch):
     fresh.measure = lambda **kw: measured.append(kw) or SLOW_KERNEL
     assert fresh.fit(key) == SLOW_KERNEL and len(measured) == 2
     assert json.loads(calibration.costs_path().read_text()) == data
+    # another build of the native kernel (its source changed): the fit is measured again
+    monkeypatch.setenv("ADASPARK_COSTS", "1")
+    import adaspark.ops.attention.native as native
+
+    assert f"native {native.kernel_version()}|" in entry
+    monkeypatch.setattr(native, "kernel_version", lambda: "another-build")
+    rebuilt = calibration.cost_model()
+    assert rebuilt.fit(key) == CHEAP_SPARSE and len(measured) == 3
 
 
 def test_processes_starting_together_measure_once(tmp_path):

@@ -58,7 +58,11 @@ def machine_fingerprint(device: str = "cpu") -> str:
 
 
 def _entry(key: tuple) -> str:
-    return f"v{COSTS_VERSION}|{machine_fingerprint(key[0])}|" + "|".join(str(x) for x in key)
+    from adaspark.ops.attention.native import kernel_version
+
+    # the native kernel's source hash: fits measured with one build are re-measured for another
+    head = f"v{COSTS_VERSION}|{machine_fingerprint(key[0])}|native {kernel_version()}|"
+    return head + "|".join(str(x) for x in key)
 
 
 def _read(path: Path) -> dict:

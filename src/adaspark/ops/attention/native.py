@@ -72,6 +72,15 @@ def _ninja() -> bool:
 
 
 @functools.cache
+def kernel_version() -> str:
+    """A short hash of the kernel's C++ source: measured costs of one build do not carry over to
+    another (the cost model's cache keys include it)."""
+    import hashlib
+
+    return hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+
+
+@functools.cache
 def _exports_sgemm() -> bool:
     """Whether libtorch exports the BLAS ``sgemm_`` it was linked with (x86 wheels: MKL), so that the
     kernel can call it on strided tiles directly (otherwise it uses ATen products;

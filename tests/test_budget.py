@@ -98,6 +98,8 @@ def test_search_threshold_brackets_a_step_function():
     assert executed(p) in (4.0, 5.0) and p in calls[:-1]
     assert search_threshold(executed, 0.0, 0.5) == P_MIN  # the smallest threshold already suffices
     assert executed(search_threshold(executed, 100.0, 0.5)) == 9.0  # out of reach: the largest probe
+    assert search_threshold(executed, 9.8, 0.5, at_one=10.0) == 1.0  # dense is closer than any probe
+    assert executed(search_threshold(executed, 9.2, 0.5, at_one=10.0)) == 9.0  # the probe is closer
     assert executed(search_threshold(executed, 4.9, 0.5, steps=12)) == 5.0  # the closer side
     assert executed(search_threshold(executed, 4.1, 0.9, steps=12)) == 4.0
 

@@ -116,29 +116,52 @@ def _attn_copy(st: AttentionStats) -> AttentionStats:
     )
 
 
+#: an interpolated probe stays at least this fraction of the bracket away from either end
+INTERPOLATION_GUARD = 0.1
+
+
 def search_threshold(
-    executed: Callable[[float], float], want: float, guess: float, *, steps: int = 7
+    executed: Callable[[float], float],
+    want: float,
+    guess: float,
+    *,
+    steps: int = 7,
+    at_one: float | None = None,
 ) -> float:
     """The threshold in ``[P_MIN, 1)`` whose ``executed(p)`` (non-decreasing in ``p``) is closest
-    to ``want``, found by a bisection of ``steps`` probes whose first probe is ``guess``.
+    to ``want``, found by a search of ``steps`` probes whose first probe is ``guess``.
 
-    Returns :data:`~adaspark.ops.budget.P_MIN` when even that executes ``want``; the last probe
-    below ``want`` when no probe below 1 reaches it; otherwise the closer of the two probes that
-    bracket ``want``. Every returned threshold was probed.
+    Once both ends of the bracket have a count (``at_one`` gives the upper one before any probe
+    does), the next probe interpolates between them instead of halving.
+
+    Returns :data:`~adaspark.ops.budget.P_MIN` when even that executes ``want``; when no probe
+    below 1 reaches it, the last probe below ``want`` — or ``1.0`` if ``at_one`` (what ``p = 1``,
+    dense, executes) is given and closer to ``want``; otherwise the closer of the two probes that
+    bracket ``want``. Every returned threshold below 1 was probed.
     """
     lo, hi = P_MIN, 1.0
-    if executed(lo) >= want:
+    e_lo = executed(lo)
+    if e_lo >= want:
         return lo
+    e_hi = at_one
     mid = guess
     for _ in range(steps):
         if not lo < mid < hi:
             mid = (lo + hi) / 2
-        if executed(mid) >= want:
-            hi = mid
+        e = executed(mid)
+        if e >= want:
+            hi, e_hi = mid, e
         else:
-            lo = mid
-        mid = (lo + hi) / 2
+            lo, e_lo = mid, e
+        if e_hi is not None and e_hi > e_lo:
+            # interpolate between the bracket's counts, kept off its ends (a safeguarded regula falsi)
+            t = min(max((want - e_lo) / (e_hi - e_lo), INTERPOLATION_GUARD), 1.0 - INTERPOLATION_GUARD)
+            mid = lo + t * (hi - lo)
+        else:
+            mid = (lo + hi) / 2
     if hi >= 1.0:
+        if at_one is not None and at_one - want < want - executed(lo):
+            return 1.0
         return lo
     return lo if want - executed(lo) <= executed(hi) - want else hi
 

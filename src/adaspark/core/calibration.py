@@ -26,7 +26,7 @@ __all__ = ["cache_dir", "cost_model", "costs_path", "machine_fingerprint"]
 
 COSTS_FILE = "attention_costs.json"
 #: bumped when the measurement changes: entries of other versions are measured again
-COSTS_VERSION = 2
+COSTS_VERSION = 3
 
 
 def cache_dir() -> Path:

@@ -77,7 +77,7 @@ _PATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: vision module -> {call key: FLOPs} measured once with FlopCounterMode
 _VISION_FLOPS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-#: budget mode: bisection steps of a layer's attention threshold (probes of the block plan). Two
+#: budget mode: search steps of a layer's attention threshold (probes of the block plan). Two
 #: suffice: the FFN threshold, found exactly after attention ran, absorbs what attention missed
 #: (benchmarks/budget_error.py: errors of 0.0000 at 2 steps as at 7 on the tiny model at 512 frames,
 #: with 1.8% instead of 4.9% of dense spent on the search; 1 step missed by up to 0.029) — as long
@@ -478,10 +478,11 @@ class _State:
 
         What a block kernel executes at a threshold is read from its plan (the selection and the
         block pattern, :func:`~adaspark.ops.attention.blocks.plan_blocks`): once at the smallest
-        threshold (the floor), then a bisection started from the ``C × C`` cube estimate
-        (:func:`~adaspark.ops.attention.cost.cube_estimate`). The probes' selection work is
-        reported as the layer's search FLOPs. Paths without a block plan use the estimate alone. What
-        the kernel then executed over what its probe said corrects the floor and the next layer's aim.
+        threshold (the floor), then a search (bisection, interpolating once both ends have counts)
+        started from the ``C × C`` cube estimate (:func:`~adaspark.ops.attention.cost.cube_estimate`).
+        The probes' selection work is reported as the layer's search FLOPs. Paths without a block
+        plan use the estimate alone. What the kernel then executed over what its probe said corrects
+        the floor and the next layer's aim.
         """
         cfg = self.config
         fwd = self.fwd
@@ -544,7 +545,9 @@ class _State:
                 # before the first steered layer the kernel's ratio is unknown: search fully
                 exact = ctl.ratio_measured and abs(ctl.attn_ratio - 1.0) <= BUDGET_PLAN_TOLERANCE
                 steps = BUDGET_SEARCH_STEPS if exact else BUDGET_SEARCH_STEPS_INEXACT
-                p_attn = search_threshold(executed, want / ctl.attn_ratio, guess, steps=steps)
+                p_attn = search_threshold(
+                    executed, want / ctl.attn_ratio, guess, steps=steps, at_one=dense_entries / ctl.attn_ratio
+                )
         policy = dataclasses.replace(policy, p=p_attn)
         before = st.executed
         out, _ = self._sparse(q, k, v, cube_ids, key_valid, scaling, st, mk, index, False, policy)

@@ -34,9 +34,9 @@ def block_sparse_attention_fwd(
     """One (query block, sample × query head): the kept key blocks of its list, online softmax.
 
     Q/Out ``[B, Hq, Nq, D]`` in the original query order (rows gathered / scattered through
-    ``q_perm``); K/V ``[B, Hkv, Sk, D]`` cube-major, block-padded, rows contiguous. ``blocks`` holds
-    ``2 * key_block + full`` per kept block, the row of (b, h, qb) from ``row_ptr[r]`` to
-    ``row_ptr[r + 1]``. ``sm_scale`` is the score scale times log2(e) (exp2 below).
+    ``q_perm``; ``-1`` at empty slots); K/V ``[B, Hkv, Sk, D]`` cube-major, block-aligned, rows
+    contiguous. ``blocks`` holds ``2 * key_block + full`` per kept block, the row of (b, h, qb) from
+    ``row_ptr[r]`` to ``row_ptr[r + 1]``. ``sm_scale`` is the score scale times log2(e) (exp2 below).
     """
     qb = nQ - 1 - tl.program_id(0)  # the longest rows (last query blocks) first
     bh = tl.program_id(1)
@@ -94,5 +94,5 @@ def block_sparse_attention_fwd(
     tl.store(
         Out + b * stride_ob + h * stride_oh + qi[:, None] * stride_on + offs_d[None, :] * stride_od,
         out.to(Out.dtype.element_ty),
-        mask=(offs_m < Nq)[:, None] & d_ok[None, :],
+        mask=(qi >= 0)[:, None] & d_ok[None, :],
     )

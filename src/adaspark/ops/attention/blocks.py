@@ -9,6 +9,14 @@ exactly half of a 128-token block. The permutation only changes the order of the
 ``k``, ``v`` (attention is order-free given the mask); the token-level mask, causality included, is
 always evaluated with the original positions.
 
+Cubes are also *aligned* to the block grid (:func:`aligned_slots`): where a cube would straddle a
+block boundary that it need not cross (a 64-token cube after a 25-token text prefix spans two
+64-token blocks), empty slots are inserted before it so that it starts on the boundary. Unaligned,
+every query block holds parts of two cubes (the union of their kept sets) and every kept key block
+holds part of a cube that was not kept: the kernels compute about twice the attended pairs. Empty
+slots are neither valid queries nor valid keys; slots are what the kernels index, tokens what the
+caller sees (``q_perm`` / ``k_perm`` map slots to tokens, ``q_slot`` / ``k_slot`` back).
+
 The block pattern marks, per head and (query block, key block) pair, whether the block holds any
 attended pair (``kept``) and whether it holds only attended pairs (``full``: a kernel may skip the
 mask there). Both are computed from class counts, never from the token-level mask.
@@ -33,7 +41,17 @@ from adaspark.ops.attention.common import AttentionInputs, AttentionStats, causa
 from adaspark.ops.attention.units import Selection, attended_pairs, key_classes, select_units
 from adaspark.ops.cubes import NEVER, CubeIndex
 
-__all__ = ["BlockPattern", "BlockPlan", "block_pattern", "cube_major_order", "plan_blocks", "run_blocks"]
+__all__ = [
+    "BlockPattern",
+    "BlockPlan",
+    "aligned_slots",
+    "block_pattern",
+    "cube_major_order",
+    "plan_blocks",
+    "rows_from_slots",
+    "rows_to_slots",
+    "run_blocks",
+]
 
 #: positions of padded slots (after every real position, so never causally visible)
 _PAD_POS = NEVER // 2
@@ -43,6 +61,8 @@ _PAD_POS = NEVER // 2
 UNIT_MATMUL_FACTOR = 4
 UNIT_MATMUL_SLACK = 64
 PATTERN_CHUNK_TOKENS = 4096
+#: :func:`aligned_slots` inserts no empty slots where they would exceed this fraction of the tokens
+ALIGN_MAX_EMPTY = 0.125
 
 
 def cube_major_order(cube_ids: torch.Tensor, index: CubeIndex) -> torch.Tensor:
@@ -55,14 +75,75 @@ def cube_major_order(cube_ids: torch.Tensor, index: CubeIndex) -> torch.Tensor:
     return torch.sort(anchor * n + pos, dim=1, stable=True).indices
 
 
+def _blocks_spanned(start: int, size: int, block: int) -> int:
+    return (start + size - 1) // block - start // block + 1
+
+
+def aligned_slots(cube_ids: torch.Tensor, index: CubeIndex, order: torch.Tensor, block: int) -> torch.Tensor:
+    """``[B, N]`` int64 slot of every token in the cube-major, block-aligned layout.
+
+    ``order`` is :func:`cube_major_order`. Tokens keep their cube-major order; before a cube that
+    would span more blocks than it must (started at the next block boundary, it would span fewer),
+    the slots up to that boundary are left empty. Non-video tokens are never moved apart. When the
+    empty slots of a sample would exceed :data:`ALIGN_MAX_EMPTY` of the tokens (short inputs: a
+    few cubes after a prefix), none are inserted: there every block a hole adds is a whole extra
+    column of most query blocks' work.
+    """
+    bsz, n = cube_ids.shape
+    if index.max_cubes == 0 or n == 0:
+        return torch.empty_like(order).copy_(torch.argsort(order, dim=1))
+    seg = cube_ids.gather(1, order)  # [B, N] cube of the token at each cube-major position
+    starts = seg >= 0
+    starts[:, 1:] &= seg[:, 1:] != seg[:, :-1]
+    pad_at = torch.zeros(bsz, n, dtype=torch.int64, device=cube_ids.device)
+    counts = index.counts.tolist()
+    for b in range(bsz):
+        at = starts[b].nonzero().squeeze(1)
+        sizes = [counts[b][c] for c in seg[b, at].tolist()]
+        shift, pads = 0, []
+        for j, size in zip(at.tolist(), sizes, strict=True):
+            s = j + shift
+            aligned = -(-s // block) * block
+            shorter = _blocks_spanned(aligned, size, block) < _blocks_spanned(s, size, block)
+            pad = aligned - s if shorter else 0
+            pads.append(pad)
+            shift += pad
+        if at.numel():
+            pad_at[b, at] = torch.tensor(pads, dtype=torch.int64, device=cube_ids.device)
+    if int(pad_at.sum(1).max()) > ALIGN_MAX_EMPTY * n:
+        pad_at.zero_()  # a short input: the empty slots would cost more than they save
+    slot_of_position = torch.arange(n, device=cube_ids.device)[None] + pad_at.cumsum(1)  # [B, N]
+    slots = torch.empty_like(order)
+    slots.scatter_(1, order, slot_of_position)
+    return slots
+
+
+def rows_to_slots(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``[B, H, S, D]``: the rows of ``x`` (``[B, H, N, D]``) at the slots of ``perm`` (``[B, S]``,
+    the token at each slot, ``-1`` for empty slots, which get zeros)."""
+    bsz, h, _n, d = x.shape
+    idx = perm.clamp_min(0)[:, None, :, None].expand(bsz, h, perm.shape[1], d)
+    return x.gather(2, idx).masked_fill_((perm < 0)[:, None, :, None], 0)
+
+
+def rows_from_slots(y: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """``[B, H, N, D]``: the rows of ``y`` (``[B, H, S, D]``) back in token order (``slot``:
+    ``[B, N]``, the slot of every token)."""
+    bsz, h, _s, d = y.shape
+    out = torch.empty(bsz, h, slot.shape[1], d, dtype=y.dtype, device=y.device)  # every row written
+    return torch.gather(y, 2, slot[:, None, :, None].expand(bsz, h, slot.shape[1], d), out=out)
+
+
 @dataclass
 class BlockPattern:
     """Permuted, block-padded token metadata and the block-level pattern of one batch.
 
-    Attributes (``Sq``/``Sk`` = padded query/key slots, multiples of ``block``):
+    Attributes (``Sq``/``Sk`` = query/key slots, multiples of ``block``):
         block: block size in tokens (queries and keys).
-        q_perm: ``[B, Nq]`` query index placed at each of the first ``Nq`` query slots.
-        k_perm: ``[B, Nk]`` key position placed at each of the first ``Nk`` key slots.
+        q_perm: ``[B, Sq]`` query index at each query slot (``-1``: an empty slot).
+        k_perm: ``[B, Sk]`` key position at each key slot (``-1``: an empty slot).
+        q_slot: ``[B, Nq]`` slot of every query (the inverse of ``q_perm``).
+        k_slot: ``[B, Nk]`` slot of every key.
         q_pos, k_pos: ``[B, Sq]`` / ``[B, Sk]`` original positions (padded slots: a huge value
             for keys, ``-1`` for queries, so padded slots never meet causally).
         q_unit: ``[B, Sq]`` unit of every query slot (padded slots: the padding unit).
@@ -79,6 +160,8 @@ class BlockPattern:
     block: int
     q_perm: torch.Tensor
     k_perm: torch.Tensor
+    q_slot: torch.Tensor
+    k_slot: torch.Tensor
     q_pos: torch.Tensor
     k_pos: torch.Tensor
     q_unit: torch.Tensor
@@ -129,18 +212,26 @@ def block_pattern(
     nq = sel.unit.shape[1]
     q_offset = nk - nq
     dev = cube_ids.device
-    k_perm = cube_major_order(cube_ids, index)
-    q_perm = k_perm if nq == nk else torch.arange(nq, device=dev).expand(bsz, nq).clone()
-    sq = -(-max(nq, 1) // block) * block
-    sk = -(-max(nk, 1) // block) * block
+    k_slot = aligned_slots(cube_ids, index, cube_major_order(cube_ids, index), block)
+    sk = -(-max(int(k_slot.max()) + 1 if nk else 1, 1) // block) * block
+    k_perm = torch.full((bsz, sk), -1, dtype=torch.int64, device=dev)
+    k_perm.scatter_(1, k_slot, torch.arange(nk, device=dev).expand(bsz, nk))
+    if nq == nk:
+        q_slot, q_perm, sq = k_slot, k_perm, sk
+    else:  # new tokens after a cache stay in their order
+        q_slot = torch.arange(nq, device=dev).expand(bsz, nq).clone()
+        sq = -(-max(nq, 1) // block) * block
+        q_perm = _pad(q_slot, sq, -1)
     n_qb, n_kb = sq // block, sk // block
     cls = key_classes(cube_ids, sel.num_cubes)
-    k_pos = _pad(k_perm, sk, _PAD_POS)
-    k_cls = _pad(cls.gather(1, k_perm), sk, 0)
-    k_valid = _pad(key_mask.gather(1, k_perm), sk, False)
-    q_pos = _pad(q_perm + q_offset, sq, -1)
-    q_unit = _pad(sel.unit.gather(1, q_perm), sq, n_units - 1)
-    q_valid = _pad(key_mask[:, q_offset:].gather(1, q_perm), sq, False)
+    k_real, q_real = k_perm >= 0, q_perm >= 0
+    kt, qt = k_perm.clamp_min(0), q_perm.clamp_min(0)
+    k_pos = torch.where(k_real, k_perm, _PAD_POS)
+    k_cls = torch.where(k_real, cls.gather(1, kt), 0)
+    k_valid = k_real & key_mask.gather(1, kt)
+    q_pos = torch.where(q_real, q_perm + q_offset, -1)
+    q_unit = torch.where(q_real, sel.unit.gather(1, qt), n_units - 1)
+    q_valid = q_real & key_mask[:, q_offset:].gather(1, qt)
 
     # per key block: valid keys of each class; per query block: valid queries of each unit
     mk = _block_counts(k_cls, k_valid, n_kb, block, ncls)  # [B, nK, ncls]
@@ -184,6 +275,8 @@ def block_pattern(
         block=block,
         q_perm=q_perm,
         k_perm=k_perm,
+        q_slot=q_slot,
+        k_slot=k_slot,
         q_pos=q_pos,
         k_pos=k_pos,
         q_unit=q_unit,

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from adaspark.ops.attention.blocks import BlockPlan, plan_blocks, run_blocks
+from adaspark.ops.attention.blocks import BlockPlan, plan_blocks, rows_from_slots, rows_to_slots, run_blocks
 from adaspark.ops.attention.common import AttentionStats, prepare_inputs
 from adaspark.ops.cubes import CubeIndex
 from adaspark.ops.selection import SelectionPolicy
@@ -151,11 +151,11 @@ def flex_kernel(
     from torch.nn.attention.flex_attention import BlockMask
 
     sel, pat, scale = plan.selection, plan.pattern, plan.inputs.scale
-    bsz, hq, nq, d = q.shape
+    bsz, hq, nq, _d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     _check_prefill(nq, nk)
     block = pat.block
-    n = bucket_length(nk, block)
+    n = bucket_length(pat.k_pos.shape[1], block)  # the slots (cubes aligned to blocks), bucketed
     nb = n // block
     kept = _pad_to(_pad_to(pat.kept, nb, 2, False), nb, 3, False)
     full = _pad_to(_pad_to(pat.full, nb, 2, False), nb, 3, False)
@@ -181,18 +181,13 @@ def flex_kernel(
         part_num, part_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(n, n)
     )
 
-    def permuted(x, perm):
-        idx = perm[:, None, :, None].expand(-1, x.shape[1], -1, d)
-        return _pad_to(x.gather(2, idx), n, 2)
-
-    qp = permuted(q, pat.q_perm)
-    kp = permuted(k, pat.k_perm)
-    vp = permuted(v, pat.k_perm)
+    qp = _pad_to(rows_to_slots(q, pat.q_perm), n, 2)
+    kp = _pad_to(rows_to_slots(k, pat.k_perm), n, 2)
+    vp = _pad_to(rows_to_slots(v, pat.k_perm), n, 2)
     with _recompile_limit():
         outp = _compiled_flex()(qp, kp, vp, block_mask=bm, scale=scale, enable_gqa=hkv != hq)
-    outp = outp[:, :, :nq].masked_fill(~pat.q_valid[:, None, :nq, None], 0)
-    out = torch.empty_like(outp)
-    out.scatter_(2, pat.q_perm[:, None, :, None].expand(-1, hq, -1, d), outp)
+    outp = outp[:, :, : pat.q_pos.shape[1]].masked_fill(~pat.q_valid[:, None, :, None], 0)
+    out = rows_from_slots(outp, pat.q_slot)
     if stats is not None:
         stats.executed += pat.executed
     return out

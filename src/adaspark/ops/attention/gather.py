@@ -43,12 +43,10 @@ DENSE_PREFIX_FRACTION = 0.75
 PER_HEAD_FRACTION = 0.7
 
 
-def _permute_rows(x: torch.Tensor, perm: torch.Tensor, slots: int) -> torch.Tensor:
-    """``[H, N, D]`` rows in ``perm`` order, zero-padded to ``slots`` rows."""
-    h, _n, d = x.shape
-    out = x.new_zeros(h, slots, d)
-    out[:, : perm.numel()] = x.index_select(1, perm)
-    return out
+def _permute_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``[H, S, D]``: the rows of ``x`` (``[H, N, D]``) at the slots of ``perm`` (``[S]``, ``-1``:
+    an empty slot, zeros)."""
+    return x.index_select(1, perm.clamp_min(0)).masked_fill_((perm < 0)[None, :, None], 0)
 
 
 def cube_sparse_attention_gather(
@@ -91,7 +89,7 @@ def gather_kernel(
     """The gather loop for a :class:`~adaspark.ops.attention.blocks.BlockPlan` (adds ``executed``
     to ``stats``)."""
     sel, pat, scale = plan.selection, plan.pattern, plan.inputs.scale
-    bsz, hq, nq, d = q.shape
+    bsz, hq, _nq, d = q.shape
     hkv = k.shape[1]
     block = pat.block
     g = hq // hkv
@@ -105,9 +103,9 @@ def gather_kernel(
     executed = 0
     neg = float("-inf")
     for b in range(bsz):
-        qp = _permute_rows(q[b], pat.q_perm[b], sq)
-        kp = _permute_rows(k[b], pat.k_perm[b], sk)
-        vp = _permute_rows(v[b], pat.k_perm[b], sk)
+        qp = _permute_rows(q[b], pat.q_perm[b])
+        kp = _permute_rows(k[b], pat.k_perm[b])
+        vp = _permute_rows(v[b], pat.k_perm[b])
         outp = q.new_zeros(hq, sq, d)
         kflat, vflat = kp.reshape(hkv * sk, d), vp.reshape(hkv * sk, d)
         table_b = sel.table[b]
@@ -177,8 +175,8 @@ def gather_kernel(
             o = F.scaled_dot_product_attention(qg, kg[None], vg[None], attn_mask=bias, scale=scale)
             outp[:, qs:qe] = o.view(hq, block, d)
             executed += nqv * mb * block * hq
-        res = outp[:, :nq].masked_fill(~pat.q_valid[b, :nq][None, :, None], 0)
-        out[b].index_copy_(1, pat.q_perm[b], res)
+        slot = pat.q_slot[b]
+        out[b].copy_(outp.index_select(1, slot).masked_fill(~pat.q_valid[b, slot][None, :, None], 0))
     if stats is not None:
         stats.executed += executed
     return out

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from adaspark.ops.attention.blocks import BlockPlan, plan_blocks, run_blocks
+from adaspark.ops.attention.blocks import BlockPlan, plan_blocks, rows_from_slots, rows_to_slots, run_blocks
 from adaspark.ops.attention.common import AttentionStats, prepare_inputs
 from adaspark.ops.cubes import CubeIndex
 from adaspark.ops.selection import SelectionPolicy
@@ -150,15 +150,6 @@ def native_available(device: torch.device | str = "cpu") -> bool:
     return load_native()
 
 
-def _permuted(x: torch.Tensor, perm: torch.Tensor, slots: int) -> torch.Tensor:
-    """``[B, H, slots, D]`` float32 contiguous: rows of ``x`` in ``perm`` order, zero-padded."""
-    bsz, h, _n, d = x.shape
-    out = torch.zeros(bsz, h, slots, d, dtype=torch.float32, device=x.device)
-    idx = perm[:, None, :, None].expand(bsz, h, perm.shape[1], d)
-    out[:, :, : perm.shape[1]] = x.gather(2, idx)
-    return out
-
-
 def native_kernel(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -171,10 +162,9 @@ def native_kernel(
     if not load_native():
         raise RuntimeError(f"the native attention kernel is not available: {native_error()}")
     sel, pat, scale = plan.selection, plan.pattern, plan.inputs.scale
-    bsz, hq, nq, d = q.shape
+    bsz, hq, nq, _d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
-    sq, sk = pat.q_pos.shape[1], pat.k_pos.shape[1]
     block = pat.block
     kept, full = pat.kept, pat.full
     kind = kept.to(torch.uint8) + full.to(torch.uint8)  # 0 skip, 1 partial, 2 full
@@ -188,9 +178,9 @@ def native_kernel(
             group = g
             n_qv = pat.q_valid.view(bsz, -1, block).sum(-1)  # [B, nQ]
             executed = int((union * n_qv[:, None]).sum()) * block * g
-    qp = _permuted(q, pat.q_perm, sq)
-    kp = _permuted(k, pat.k_perm, sk)
-    vp = _permuted(v, pat.k_perm, sk)
+    qp = rows_to_slots(q, pat.q_perm).float().contiguous()
+    kp = rows_to_slots(k, pat.k_perm).float().contiguous()
+    vp = rows_to_slots(v, pat.k_perm).float().contiguous()
     chunk = max(1, NATIVE_CHUNK_KEYS // block)
     outp = torch.ops.adaspark.block_attention(
         qp, kp, vp, kind.contiguous(), sel.table.to(torch.uint8).contiguous(),
@@ -198,8 +188,7 @@ def native_kernel(
         pat.k_valid.to(torch.uint8), pat.q_valid.to(torch.uint8),
         block, group, chunk, float(scale),
     )  # fmt: skip
-    out = torch.empty(bsz, hq, nq, d, dtype=q.dtype, device=q.device)
-    out.scatter_(2, pat.q_perm[:, None, :, None].expand(-1, hq, -1, d), outp[:, :, :nq].to(q.dtype))
+    out = rows_from_slots(outp.to(q.dtype), pat.q_slot)
     if stats is not None:
         stats.executed += executed
     return out

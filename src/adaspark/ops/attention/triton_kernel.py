@@ -24,7 +24,7 @@ import threading
 
 import torch
 
-from adaspark.ops.attention.blocks import BlockPlan, plan_blocks, run_blocks
+from adaspark.ops.attention.blocks import BlockPlan, plan_blocks, rows_to_slots, run_blocks
 from adaspark.ops.attention.common import AttentionStats, prepare_inputs
 from adaspark.ops.cubes import CubeIndex
 from adaspark.ops.selection import SelectionPolicy
@@ -125,14 +125,6 @@ def kept_block_lists(kept: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tens
     return row_ptr, blocks
 
 
-def _permuted(x: torch.Tensor, perm: torch.Tensor, slots: int) -> torch.Tensor:
-    """``[B, H, slots, D]`` contiguous, in ``x``'s dtype: rows of ``x`` in ``perm`` order, zero-padded."""
-    bsz, h, _n, d = x.shape
-    out = torch.zeros(bsz, h, slots, d, dtype=x.dtype, device=x.device)
-    out[:, :, : perm.shape[1]] = x.gather(2, perm[:, None, :, None].expand(bsz, h, perm.shape[1], d))
-    return out
-
-
 def triton_kernel(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -154,10 +146,9 @@ def triton_kernel(
     sq, sk = pat.q_pos.shape[1], pat.k_pos.shape[1]
     n_qb = sq // block
     k, v = k.to(q.dtype), v.to(q.dtype)
-    kp = _permuted(k, pat.k_perm, sk)
-    vp = _permuted(v, pat.k_perm, sk)
-    q_perm = torch.zeros(bsz, sq, dtype=torch.int64, device=q.device)
-    q_perm[:, :nq] = pat.q_perm
+    kp = rows_to_slots(k, pat.k_perm).contiguous()
+    vp = rows_to_slots(v, pat.k_perm).contiguous()
+    q_perm = pat.q_perm.contiguous()  # -1 at empty slots: nothing loaded or stored there
     table = sel.table.to(torch.uint8).contiguous()
     row_ptr, blocks = kept_block_lists(pat.kept, pat.full)
     out = torch.empty(bsz, hq, nq, d, dtype=q.dtype, device=q.device)

@@ -214,3 +214,12 @@ def test_bad_inputs_raise_clear_errors():
         cube_sparse_attention(q[0], k, v, ids, 0.5)
     with pytest.raises(ValueError, match="unknown attention backend"):
         cube_sparse_attention(q, k, v, ids, 0.5, backend="cuda-magic")
+
+
+def test_backend_after_cache_sends_new_tokens_off_flex():
+    from adaspark.ops.attention import backend_after_cache
+
+    assert backend_after_cache("flex", 1, 300) == "auto"  # flex is a prefill kernel
+    assert backend_after_cache("flex", 300, 300) == "flex"
+    for name in ("auto", "gather", "decode", "native", "reference"):
+        assert backend_after_cache(name, 1, 300) == name

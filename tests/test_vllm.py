@@ -9,8 +9,10 @@ transformers with and without :func:`adaspark.patch` on the same processor outpu
 * p = 1 through a sparse kernel equals stock vLLM (a short video, on which both position
   conventions agree); p = 1 with ``backend="auto"`` leaves every kernel of stock vLLM in place;
 * p = 0.5 gives transformers-AdaSpark's greedy tokens and log-probabilities (AdaSpark in the
-  prefill, dense decoding, in both) and saves what transformers' report says;
-* in a batch with a video request, a text request is bit-identical to stock vLLM's;
+  prefill and in every decode step, in both) and saves what transformers' report says, in the
+  prefill and in the decoding;
+* in a batch with a video request, a text request is bit-identical to stock vLLM's, prefill and
+  decoding; the video contexts kept for decoding are dropped once their requests are done;
 * invalid settings stop the engine at start with one clear error.
 """
 
@@ -48,6 +50,8 @@ ENGINE = dict(
     enable_prefix_caching=False,
 )
 GREEDY = SamplingParams(temperature=0, max_tokens=6, logprobs=1)
+#: several decode steps: the needle model answers in one word and stops
+DECODE = SamplingParams(temperature=0, max_tokens=6, logprobs=1, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -110,17 +114,28 @@ def _logprobs(out):
     return [d[t].logprob for d, t in zip(out.outputs[0].logprobs, out.outputs[0].token_ids, strict=True)]
 
 
-def _reports(llm):
-    return llm.apply_model(lambda m: list(m.adaspark_reports))[0]
+def _reports(llm, kind="prefill"):
+    return [r for r in llm.apply_model(lambda m: list(m.adaspark_reports))[0] if r["kind"] == kind]
 
 
-def _greedy(model, inputs, steps, config=None):
+def _stored(llm) -> int:
+    return llm.apply_model(lambda m: len(m.adaspark_store))[0]
+
+
+def _next_step(llm) -> None:
+    """One engine step without the earlier requests (a one-token text request): the step at which
+    the model sees they are gone and drops their video contexts."""
+    llm.generate([{"prompt": TEXT_PROMPT}], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+
+
+def _greedy(model, inputs, steps, config=None, *, sparse_decode=False, ignore_eos=False):
     """Greedy decoding in transformers with explicit M-RoPE positions: the prompt's from
     ``get_rope_index``, generated tokens after the prompt's largest position (what a forward over the
     whole sequence gives them, and what vLLM does; transformers 5.19's ``generate`` places the
-    first generated token elsewhere). ``config``: the prefill runs under :func:`adaspark.patch`
-    (decoding is dense, as in vLLM). Returns tokens, log-probabilities and the prefill's report."""
-    from contextlib import nullcontext
+    first generated token elsewhere). ``config``: the prefill runs under :func:`adaspark.patch`,
+    and with ``sparse_decode`` every decode step too (else decoding is dense). Returns tokens,
+    log-probabilities, the prefill's report and the report of prefill and decoding together."""
+    from contextlib import ExitStack
 
     from adaspark import patch
 
@@ -130,10 +145,12 @@ def _greedy(model, inputs, steps, config=None):
     )  # fmt: skip
     nxt = int(pos.max()) + 1
     eos = int(model.config.get_text_config().eos_token_id)
-    with torch.inference_mode():
-        with patch(model, config) if config is not None else nullcontext() as handle:
-            out = model(**inputs, use_cache=True)
-            rep = handle.report() if handle is not None else None
+    with torch.inference_mode(), ExitStack() as stack:
+        handle = stack.enter_context(patch(model, config)) if config is not None else None
+        out = model(**inputs, use_cache=True)
+        rep = handle.report() if handle is not None else None
+        if not sparse_decode:
+            stack.close()
         cache = out.past_key_values
         tokens, lps = [], []
         logits = out.logits[0, -1]
@@ -142,14 +159,15 @@ def _greedy(model, inputs, steps, config=None):
             tok = int(lp.argmax())
             tokens.append(tok)
             lps.append(float(lp[tok]))
-            if tok == eos or i == steps - 1:
+            if (tok == eos and not ignore_eos) or i == steps - 1:
                 break
             step = model(
                 input_ids=torch.tensor([[tok]]), past_key_values=cache,
                 position_ids=torch.full((3, 1, 1), nxt + i), use_cache=True,
             )  # fmt: skip
             cache, logits = step.past_key_values, step.logits[0, -1]
-    return tokens, lps, rep
+        total = handle.report() if handle is not None and sparse_decode else None
+    return tokens, lps, rep, total
 
 
 @pytest.fixture(scope="module")
@@ -167,13 +185,25 @@ def transformers_ref(item):
         return_tensors="pt", do_sample_frames=False,
     )  # fmt: skip
     model = load_model().model.eval()
-    dense = _greedy(model, inputs, GREEDY.max_tokens)
-    sparse = _greedy(model, inputs, GREEDY.max_tokens, AdaSparkConfig(p=0.5))
+    cfg = AdaSparkConfig(p=0.5)
+    steps = GREEDY.max_tokens
+    dense = _greedy(model, inputs, steps)
+    sparse = _greedy(model, inputs, steps, cfg, sparse_decode=True)
+    long = dict(steps=DECODE.max_tokens, ignore_eos=True)
+    decode = _greedy(model, inputs, config=cfg, sparse_decode=True, **long)
+    tc = model.config.get_text_config()
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    video = int((inputs["input_ids"] == model.config.video_token_id).sum())
     return {
         "dense": dense[:2],
         "sparse": sparse[:2],
         "sparse_report": sparse[2],
         "prompt_len": inputs["input_ids"].shape[1],
+        # several decode steps: AdaSpark in prefill and decoding, and in the prefill only
+        "decode": decode,
+        "decode_prefill_only": _greedy(model, inputs, config=cfg, **long)[:2],
+        # averaging the video keys into cube mean keys, all layers (FLOPs)
+        "mean_key_flops": tc.num_hidden_layers * tc.num_key_value_heads * head_dim * video,
     }
 
 
@@ -193,19 +223,23 @@ def test_dense_equals_transformers(engines, video_request, transformers_ref):
 
 
 def test_p1_auto_leaves_stock_vllm_in_place(engines, short_request, video_request):
-    ours = _run(engines.get("p1", hf_overrides(AdaSparkConfig(p=1.0))), [short_request, video_request])
-    stock = _run(engines.get("stock", None), [short_request, video_request])
-    assert ours[0] == stock[0]  # bit-identical where the positions agree
+    ours_llm = engines.get("p1", hf_overrides(AdaSparkConfig(p=1.0)))
+    ours = _run(ours_llm, [short_request, video_request], DECODE)
+    _next_step(ours_llm)
+    assert _reports(ours_llm, "decode") == []  # no layer kept mean keys: every decode step was vLLM's
+    del ours_llm  # (an engine collected after the next one started would tear down its state)
+    stock = _run(engines.get("stock", None), [short_request, video_request], DECODE)
+    assert ours[0] == stock[0]  # bit-identical where the positions agree, prefill and 5 decode steps
     # on the 32-frame video stock vLLM's positions differ from transformers': the first answer
     # token's log-probability moves (the reason for the positions override)
     assert abs(ours[1][1][0] - stock[1][1][0]) > 1e-3
 
 
 def test_p1_sparse_kernel_equals_stock(engines, short_request):
-    stock = _run(engines.get("stock", None), [short_request])[0]
+    stock = _run(engines.get("stock", None), [short_request], DECODE)[0]
     cfg = AdaSparkConfig(p=1.0, backend="gather", cube=(1, 2, 2))
     llm = engines.get("p1-gather", hf_overrides(cfg))
-    tokens, lps = _run(llm, [short_request])[0]
+    tokens, lps = _run(llm, [short_request], DECODE)[0]
     assert tokens == stock[0]
     assert lps == pytest.approx(stock[1], abs=1e-5)
     rep = _reports(llm)[-1]
@@ -213,6 +247,13 @@ def test_p1_sparse_kernel_equals_stock(engines, short_request):
     assert rep["attn_density"] == pytest.approx(1.0)
     # the selection ran (its overhead is counted) although it kept everything
     assert rep["decoder_flops_adaspark"] > rep["decoder_flops_dense"]
+    # so did every decode step's, from the cube mean keys kept beside the paged cache
+    assert llm.apply_model(lambda m: dict(m._adaspark.cache_checked))[0] == dict.fromkeys(range(4), True)
+    _next_step(llm)
+    (dec,) = _reports(llm, "decode")
+    assert dec["decode_tokens"] == DECODE.max_tokens - 1 and dec["prompt_digest"] == rep["prompt_digest"]
+    assert dec["attn_density"] == pytest.approx(1.0)
+    assert dec["decoder_flops_adaspark"] > dec["decoder_flops_dense"]
 
 
 def test_sparse_equals_transformers_adaspark(engines, video_request, transformers_ref):
@@ -221,7 +262,7 @@ def test_sparse_equals_transformers_adaspark(engines, video_request, transformer
     tokens, lps = list(out.outputs[0].token_ids), _logprobs(out)
     ref_tokens, ref_lps = transformers_ref["sparse"]
     assert tokens == ref_tokens
-    # AdaSpark in the prefill, dense decoding, in both
+    # AdaSpark in the prefill and the decoding, in both
     assert lps == pytest.approx(ref_lps, abs=1e-4)
     assert abs(lps[0] - transformers_ref["dense"][1][0]) > 1e-3  # and it is not the dense one
     rep = _reports(llm)[-1]
@@ -235,8 +276,43 @@ def test_sparse_equals_transformers_adaspark(engines, video_request, transformer
     assert rep["decoder_saved"] == pytest.approx(ref.llm_saved, abs=1e-3)
 
 
+def test_sparse_decode_equals_transformers_adaspark(engines, video_request, transformers_ref):
+    """Five decode steps after the video prompt (EOS ignored), AdaS-Attn in each, as in transformers."""
+    llm = engines.get("p0.5", hf_overrides(AdaSparkConfig(p=0.5)))
+    _next_step(llm)  # what earlier tests left
+    out = llm.generate([video_request], DECODE, use_tqdm=False)[0]
+    tokens, lps = list(out.outputs[0].token_ids), _logprobs(out)
+    ref_tokens, ref_lps, ref_prefill, ref_total = transformers_ref["decode"]
+    assert len(tokens) == DECODE.max_tokens and tokens == ref_tokens
+    assert lps == pytest.approx(ref_lps, abs=1e-4)
+    assert ref_total.sparse_decode_steps == DECODE.max_tokens - 1
+    # sparse decoding is not dense decoding: transformers with AdaSpark in the prefill only
+    # differs from both by more than they differ from each other
+    only = transformers_ref["decode_prefill_only"][1]
+    gap = max(abs(a - b) for a, b in zip(lps, ref_lps, strict=True))
+    assert max(abs(a - b) for a, b in zip(lps[1:], only[1:], strict=True)) > 10 * max(gap, 1e-6)
+    assert _stored(llm) == 1
+    _next_step(llm)
+    assert _stored(llm) == 0
+    (dec,) = _reports(llm, "decode")[-1:]
+    assert dec["prompt_digest"] == prompt_digest(out.prompt_token_ids)
+    assert dec["decode_tokens"] == DECODE.max_tokens - 1
+    assert dec["prompt_tokens"] == transformers_ref["prompt_len"]
+    assert dec["attn_density"] < 1.0 and 0 < dec["decoder_saved"] <= dec["decoder_saved_ideal"]
+    # the same decoding, counted by the same accounting: transformers' report of prefill and
+    # decoding minus that of the prefill, less one averaging of the mean keys (transformers' prefill
+    # under its cost model does not keep them and its first decode step averages them again; vLLM
+    # keeps the prefill's)
+    assert dec["decoder_flops_dense"] == pytest.approx(
+        ref_total.llm_flops_dense - ref_prefill.llm_flops_dense, rel=1e-9
+    )
+    ref_sparse = ref_total.llm_flops_sparse - ref_prefill.llm_flops_sparse
+    ref_sparse -= transformers_ref["mean_key_flops"]
+    assert dec["decoder_flops_adaspark"] == pytest.approx(ref_sparse, rel=1e-6)
+
+
 def test_mixed_batch_text_is_bit_identical(engines, video_request):
-    params = SamplingParams(temperature=0, max_tokens=6, logprobs=2, prompt_logprobs=1)
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=2, prompt_logprobs=1, ignore_eos=True)
     text = {"prompt": TEXT_PROMPT}
 
     def run(llm):
@@ -246,14 +322,55 @@ def test_mixed_batch_text_is_bit_identical(engines, video_request):
 
     sparse = engines.get("p0.5", hf_overrides(AdaSparkConfig(p=0.5)))
     _, tok, lps, plps = run(sparse)
-    alone = _run(sparse, [video_request])[0]
+    alone = _run(sparse, [video_request], params)[0]
     stock = engines.get("stock", None)
     _, s_tok, s_lps, s_plps = run(stock)
+    assert len(tok[1]) == 6  # five decode steps of the text request beside the sparse video request
     assert tok[1] == s_tok[1] and lps[1] == s_lps[1]  # exactly
     assert [None if d is None else {k: v.logprob for k, v in d.items()} for d in plps] == [
         None if d is None else {k: v.logprob for k, v in d.items()} for d in s_plps
     ]
     assert (tok[0], lps[0]) == alone  # the video request as if alone
+
+
+def test_video_contexts_are_dropped_when_requests_finish(engines, video_request, short_request):
+    llm = engines.get("p0.5", hf_overrides(AdaSparkConfig(p=0.5)))
+    _next_step(llm)
+    assert _stored(llm) == 0
+    before = len(_reports(llm, "decode"))
+    # the 32-frame request stops after 2 tokens, the 4-frame one runs 6
+    short = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    outs = llm.generate([video_request, short_request], [short, DECODE], use_tqdm=False)
+    # the first request's context left the store while the second still decoded
+    decs = _reports(llm, "decode")[before:]
+    assert [d["prompt_digest"] for d in decs] == [prompt_digest(outs[0].prompt_token_ids)]
+    assert decs[0]["decode_tokens"] == 1
+    assert _stored(llm) == 1
+    _next_step(llm)
+    assert _stored(llm) == 0
+    last = _reports(llm, "decode")[-1]
+    assert last["prompt_digest"] == prompt_digest(outs[1].prompt_token_ids) and last["decode_tokens"] == 5
+
+
+def test_paged_kv_reader_matches_vllm_cpu_cache_writes():
+    """What vLLM's CPU attention writes into its paged cache (float32, its ISA here) reads back
+    with :func:`read_paged_kv`."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from adaspark.integrations.vllm.paged import read_paged_kv
+
+    nb, hkv, bs, d, n = 5, 2, 32, 32, 70
+    torch.manual_seed(0)
+    cache = torch.full((nb, hkv, bs, 2 * d), float("nan"))
+    key_cache, value_cache = cache.view(nb, hkv, 2 * bs, d).chunk(2, dim=2)
+    k, v = torch.randn(n, hkv, d), torch.randn(n, hkv, d)
+    blocks = torch.tensor([3, 0, 4], dtype=torch.int32)
+    slots = blocks.long().repeat_interleave(bs)[:n] * bs + torch.arange(n) % bs
+    isa = _get_attn_isa(torch.float32, bs, d)
+    ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
+    got_k, got_v = read_paged_kv(cache, blocks, n)
+    assert torch.equal(got_k[0], k.transpose(0, 1)) and torch.equal(got_v[0], v.transpose(0, 1))
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,7 @@ from adaspark.ops.attention import _BLOCK_SIZES as BLOCK_SIZES
 from adaspark.ops.attention import (
     BLOCK_KERNELS,
     AttentionStats,
+    backend_after_cache,
     cube_sparse_attention,
     reference_attention_mask,
     resolve_attention_backend,
@@ -594,9 +595,7 @@ class _State:
             )  # fmt: skip
             w = attn_backend.causal_weights(q, k, scaling, keep=keep, key_valid=key_valid)
             return out, w.to(q.dtype)
-        backend = cfg.backend
-        if backend == "flex" and q.shape[2] != k.shape[2]:
-            backend = "auto"  # flex is a prefill kernel: new tokens after a cache take auto's path
+        backend = backend_after_cache(cfg.backend, q.shape[2], k.shape[2])
         out = cube_sparse_attention(
             q,
             k,

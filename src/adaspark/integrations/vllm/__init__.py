@@ -2,6 +2,7 @@
 
 The plugin (entry point group ``vllm.general_plugins``) registers
 :data:`ARCHITECTURE`, vLLM's Qwen2.5-VL with AdaS-Attn and AdaS-FFN on whole-prompt video prefills
+and AdaS-Attn on the decode steps after them
 (:mod:`adaspark.integrations.vllm.model`). Select it and its settings with ``hf_overrides``::
 
     from vllm import LLM

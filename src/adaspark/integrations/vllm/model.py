@@ -1,4 +1,4 @@
-"""The AdaSpark model class for vLLM: Qwen2.5-VL whose video prefills run AdaS-Attn and AdaS-FFN.
+"""The AdaSpark model class for vLLM: Qwen2.5-VL whose video prompts run AdaS-Attn and AdaS-FFN.
 
 :class:`AdaSparkQwen2_5_VLForConditionalGeneration` is vLLM's own ``Qwen2_5_VLForConditionalGeneration``
 (same weights, processor and multimodal pipeline; registered under its own architecture name by
@@ -11,11 +11,22 @@
 * each decoder layer's attention implementation is wrapped (:class:`AdaSparkAttentionImpl`): vLLM's
   kernel writes the paged KV cache and attends every request as before; then the rows of each
   whole-prompt video prefill are replaced by AdaS-Attn over that prompt's keys
-  (:func:`adaspark.ops.cube_sparse_attention`);
+  (:func:`adaspark.ops.cube_sparse_attention`), and the prompt's cube mean keys are kept beside
+  the paged cache (a :class:`~adaspark.integrations.vllm.step.VideoContext` per request in the
+  model's :class:`~adaspark.integrations.vllm.step.DecodeStore`); the rows of each later decode
+  step of that request are replaced by AdaS-Attn too: the new query selects its Top-p cubes from
+  those mean keys and attends the kept cubes and every text position, with the request's K/V read
+  from vLLM's paged cache through its block table (the same call as transformers' sparse decoding,
+  so the ``decode`` backend or what ``backend`` names);
 * each decoder layer's MLP runs AdaS-FFN with mean compensation on those rows
   (:func:`adaspark.ops.cube_sparse_ffn`), scored by the residual stream entering the FFN sub-layer.
 
-Text requests and decode steps run vLLM's kernels unchanged. Decoding after a video prompt is dense.
+Text requests (prefill and decoding) run vLLM's kernels unchanged. A request's video context is
+dropped at the first step that does not run it (it finished) or that starts a new prompt under its
+KV blocks, and its decoding is then reported (a ``"kind": "decode"`` record); the store holds at
+most the requests of the last step. The paged cache is read in the layout of vLLM's CPU attention
+(checked once per layer against the keys written; another layout leaves that layer's decoding
+dense, with a warning).
 The settings are an :class:`~adaspark.config.AdaSparkConfig` given as the ``adaspark`` entry of
 ``hf_overrides`` (:func:`adaspark.integrations.vllm.hf_overrides`); an invalid field, chunked
 prefill, prefix caching, tensor/pipeline parallelism or ``images_as_video`` stop the engine at start
@@ -44,9 +55,18 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from adaspark.config import AdaSparkConfig
 from adaspark.core.accounting import LayerDims
 from adaspark.integrations.vllm.options import OPTIONS_KEY, read_options
+from adaspark.integrations.vllm.paged import read_paged_kv
 from adaspark.integrations.vllm.positions import transformers_mrope_positions
-from adaspark.integrations.vllm.step import Step, plan_step, record_dense_attention
-from adaspark.ops.attention import cube_sparse_attention
+from adaspark.integrations.vllm.step import (
+    DecodeStore,
+    SparseDecode,
+    Step,
+    VideoContext,
+    plan_step,
+    record_dense_attention,
+)
+from adaspark.ops.attention import backend_after_cache, cube_sparse_attention
+from adaspark.ops.cubes import cube_mean_keys
 from adaspark.ops.ffn import cube_sparse_ffn, token_scores
 
 __all__ = ["AdaSparkAttentionImpl", "AdaSparkQwen2_5_VLForConditionalGeneration"]
@@ -74,6 +94,10 @@ class _Runtime:
         self.input_ids: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
         self.step: Step | None = None
+        #: the video contexts of the live requests (what their decoding needs)
+        self.store = DecodeStore()
+        #: layer -> whether its paged KV cache reads back as written (AdaSparkAttentionImpl._cache_readable)
+        self.cache_checked: dict[int, bool] = {}
 
     @property
     def attn_keeps_all(self) -> bool:
@@ -87,6 +111,8 @@ class _Runtime:
             if qsl is None or lens is None:
                 return None
             ids = self.input_ids[: int(qsl[-1])].cpu()
+            table = getattr(attn_metadata, "block_table", None)
+            keys = table[: qsl.numel() - 1, 0].cpu() if isinstance(table, torch.Tensor) else None
             self.step = plan_step(
                 video_rows=ids == self.video_id,
                 positions=self.positions.cpu(),
@@ -97,12 +123,15 @@ class _Runtime:
                 merge=self.merge,
                 num_layers=self.num_layers,
                 dims=self.dims,
+                store=self.store,
+                keys=keys,
             )
         return self.step
 
 
 class AdaSparkAttentionImpl:
-    """vLLM's attention implementation of one layer, followed by AdaS-Attn on video prefill rows.
+    """vLLM's attention implementation of one layer, followed by AdaS-Attn on the rows of video
+    prefills and of the decode steps after them.
 
     vLLM calls ``do_kv_cache_update`` (the paged cache write) and ``forward``; both run the wrapped
     implementation first, so the KV cache and every row of other requests are exactly vLLM's.
@@ -120,7 +149,7 @@ class AdaSparkAttentionImpl:
         out = self._inner.forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         rt = self._runtime
         step = rt.plan(attn_metadata) if attn_metadata is not None else None
-        if step is None or not step.prefills:
+        if step is None or not (step.prefills or step.decodes):
             return out
         li = self._layer_idx
         cfg = rt.config
@@ -134,6 +163,11 @@ class AdaSparkAttentionImpl:
             q = query[s:e].transpose(0, 1).unsqueeze(0)
             k = key[s:e].transpose(0, 1).unsqueeze(0)
             v = value[s:e].transpose(0, 1).unsqueeze(0)
+            with torch.no_grad():
+                mk = cube_mean_keys(k, pf.index)
+            st.mean_key_tokens += pf.video_tokens  # what the kernel counts when it averages itself
+            if self._cache_readable(kv_cache, attn_metadata, pf, k, v):
+                pf.context.mean_keys[li] = mk
             o = cube_sparse_attention(
                 q,
                 k,
@@ -142,6 +176,7 @@ class AdaSparkAttentionImpl:
                 policy=rt.attn_policy,
                 scale=self._inner.scale,
                 backend=cfg.backend,
+                mean_keys=mk,
                 index=pf.index,
                 stats=st,
                 query_block=cfg.query_block,
@@ -152,7 +187,69 @@ class AdaSparkAttentionImpl:
                 blocked_dense_fraction=cfg.blocked_dense_fraction,
             )
             output[s:e] = o[0].transpose(0, 1).to(output.dtype)
+        for sd in step.decodes:
+            self._decode(sd, query, kv_cache, attn_metadata, output)
         return output
+
+    def _decode(self, sd: SparseDecode, query, kv_cache, attn_metadata, output) -> None:
+        """AdaS-Attn for the rows of one request decoding after its video prompt: the Top-p cubes
+        of the stored cube mean keys, attended with the request's K/V read from the paged cache."""
+        rt = self._runtime
+        cfg = rt.config
+        ctx = sd.context
+        li = self._layer_idx
+        st = ctx.attn_stats[li]
+        nq = sd.end - sd.start
+        mk = ctx.mean_keys.get(li)
+        hkv = self._inner.num_kv_heads
+        if mk is None:  # a dense layer (or one whose prefill kept everything): vLLM's rows stay
+            record_dense_attention(st, nq, hkv, past=sd.seq_len - nq)
+            return
+        k, v = read_paged_kv(kv_cache, attn_metadata.block_table[sd.request], sd.seq_len)
+        q = query[sd.start : sd.end].transpose(0, 1).unsqueeze(0)
+        o = cube_sparse_attention(
+            q,
+            k,
+            v,
+            ctx.cube_ids_for(sd.seq_len).to(q.device),
+            policy=rt.attn_policy,
+            scale=self._inner.scale,
+            backend=backend_after_cache(cfg.backend, nq, sd.seq_len),
+            mean_keys=mk,
+            index=ctx.index,
+            stats=st,
+            query_block=cfg.query_block,
+            granularity=cfg.granularity,
+            dense_fallback=cfg.dense_fallback,
+            flex_min_tokens=cfg.flex_min_tokens,
+            decode_gather_fraction=cfg.decode_gather_fraction,
+            blocked_dense_fraction=cfg.blocked_dense_fraction,
+        )
+        output[sd.start : sd.end] = o[0].transpose(0, 1).to(output.dtype)
+
+    def _cache_readable(self, kv_cache, attn_metadata, pf, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether this layer's paged KV cache reads back as the keys just written (checked once
+        per layer on the first video prefill). Where it does not (another attention backend's
+        layout), the layer keeps no mean keys and its decoding stays dense, with one warning."""
+        rt = self._runtime
+        li = self._layer_idx
+        ok = rt.cache_checked.get(li)
+        if ok is None:
+            table = getattr(attn_metadata, "block_table", None)
+            try:
+                got_k, got_v = read_paged_kv(kv_cache, table[pf.request], pf.length)
+                ok = bool(torch.equal(got_k, k)) and bool(torch.equal(got_v, v))
+            except (RuntimeError, TypeError, IndexError, ValueError):
+                ok = False
+            rt.cache_checked[li] = ok
+            if not ok:
+                logger.warning(
+                    "AdaSpark: layer %d's KV cache (%s, shape %s) does not read back in the layout "
+                    "AdaSpark reads (vLLM's CPU attention, ISA vec / vec16); decoding after a video "
+                    "prompt stays dense in this layer",
+                    li, type(self._inner).__name__, tuple(getattr(kv_cache, "shape", ())),
+                )  # fmt: skip
+        return ok
 
 
 class _SparseMLP:
@@ -268,6 +365,8 @@ class AdaSparkQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
         self.adaspark_report_path = options.report_path
         self.adaspark_reports: collections.deque = collections.deque(maxlen=KEEP_REPORTS)
         self._adaspark = rt
+        #: the video contexts of the live requests (``len()``: how many are kept)
+        self.adaspark_store = rt.store
         for layer in layers:
             attn = layer.self_attn.attn
             li = extract_layer_index(attn.layer_name)
@@ -298,12 +397,15 @@ class AdaSparkQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
             step = rt.step
             rt.step = rt.input_ids = rt.positions = None
             if step is not None:
+                for ctx in step.dropped:
+                    self._emit_decode(ctx)
                 for pf in step.prefills:
                     self._emit(pf)
 
     def _emit(self, pf) -> None:
         rep = pf.report(self.adaspark_config, self._adaspark.dense_layers)
         record = {
+            "kind": "prefill",
             "prompt_digest": pf.digest,
             "tokens": pf.length,
             "video_tokens": pf.video_tokens,
@@ -315,13 +417,41 @@ class AdaSparkQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
             "attn_density": rep.attn_density,
             "ffn_active": rep.ffn_active,
         }
-        self.adaspark_reports.append(record)
+        self._write(record)
         logger.info(
             "AdaSpark prefill %s: %d tokens (%d video), decoder FLOPs saved %.1f%% (ideal %.1f%%), "
             "attention density %.3f, FFN active %.3f",
             pf.digest, pf.length, pf.video_tokens, 100 * rep.llm_saved, 100 * rep.llm_saved_ideal,
             rep.attn_density, rep.ffn_active,
         )  # fmt: skip
+
+    def _emit_decode(self, ctx: VideoContext) -> None:
+        """The report of one request's decoding, when its context leaves the store."""
+        rep = ctx.report()
+        if rep is None:
+            return
+        record = {
+            "kind": "decode",
+            "prompt_digest": ctx.digest,
+            "decode_tokens": ctx.decode_tokens,
+            "prompt_tokens": ctx.prompt_length,
+            "decoder_flops_dense": rep.llm_flops_dense,
+            "decoder_flops_adaspark": rep.llm_flops_sparse,
+            "decoder_flops_ideal": rep.llm_flops_sparse_ideal,
+            "decoder_saved": rep.llm_saved,
+            "decoder_saved_ideal": rep.llm_saved_ideal,
+            "attn_density": rep.attn_density,
+        }
+        self._write(record)
+        logger.info(
+            "AdaSpark decode %s: %d tokens after %d, decoder FLOPs saved %.1f%% (ideal %.1f%%), "
+            "attention density %.3f",
+            ctx.digest, ctx.decode_tokens, ctx.prompt_length, 100 * rep.llm_saved,
+            100 * rep.llm_saved_ideal, rep.attn_density,
+        )  # fmt: skip
+
+    def _write(self, record: dict) -> None:
+        self.adaspark_reports.append(record)
         if self.adaspark_report_path:
             with open(os.path.expanduser(self.adaspark_report_path), "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")

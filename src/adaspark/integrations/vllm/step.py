@@ -4,9 +4,19 @@ vLLM runs the tokens of every scheduled request in one flat batch: ``N`` rows, r
 rows ``query_start_loc[r] : query_start_loc[r + 1]`` with ``seq_lens[r]`` tokens in its context
 after the step. A request whose rows hold video tokens and that starts from an empty context
 (``seq_lens[r]`` equals its row count) is a *whole-prompt prefill*: it runs AdaS-Attn and AdaS-FFN
-(a :class:`SparsePrefill`). Every other request (text prompts, decode steps) runs vLLM's own kernels.
-A video request that continues a context (a later chunk of a chunked prefill, or a prefix-cache hit)
-is refused: its cube mean keys would miss the cached keys.
+(a :class:`SparsePrefill`), and what its decoding needs is kept in a :class:`DecodeStore` (a
+:class:`VideoContext`: the prompt's cube ids and cube index, per layer the cube mean keys). A later
+step that decodes that request (a :class:`SparseDecode`) runs AdaS-Attn from those mean keys. Text
+requests run vLLM's own kernels. A video request that continues a context without a stored
+video context (a later chunk of a chunked prefill, or a prefix-cache hit) is refused: its cube mean
+keys would miss the cached keys.
+
+Requests are told apart by the first physical KV-cache block of their block table (vLLM passes the
+model no request ids): a live request keeps its blocks, and no two live requests share a first
+block (prefix caching, the only sharing, is refused). Every request's first step is a whole-prompt
+prefill, which replaces what the store held under its block; a stored context whose request is not
+in a step is dropped then (the request finished, or was preempted and will be prefilled anew), so the
+store holds at most the requests of the last step.
 
 The layout of a request is read from what the model's forward receives: the rows holding the video
 placeholder token and their M-RoPE positions. Qwen2-VL / Qwen2.5-VL place a video of LM grid
@@ -29,7 +39,16 @@ from adaspark.ops.attention import AttentionStats
 from adaspark.ops.cubes import CubeIndex, build_cube_index
 from adaspark.ops.ffn import FFNStats
 
-__all__ = ["SparsePrefill", "Step", "plan_step", "prompt_digest", "record_dense_attention"]
+__all__ = [
+    "DecodeStore",
+    "SparseDecode",
+    "SparsePrefill",
+    "Step",
+    "VideoContext",
+    "plan_step",
+    "prompt_digest",
+    "record_dense_attention",
+]
 
 
 def prompt_digest(token_ids) -> str:
@@ -53,11 +72,15 @@ class SparsePrefill:
     dims: LayerDims
     attn_stats: dict = field(default_factory=dict)
     ffn_stats: dict = field(default_factory=dict)
+    #: what decoding this request needs (its mean keys are filled by the prefill's sparse layers)
+    context: VideoContext | None = None
 
     def __post_init__(self) -> None:
         d = self.dims
         self.attn_stats = {i: AttentionStats(d.heads, d.head_dim, d.kv_heads) for i in range(self.num_layers)}
         self.ffn_stats = {i: FFNStats() for i in range(self.num_layers)}
+        if self.context is None:
+            self.context = VideoContext(self.digest, self.cube_ids, self.index, self.num_layers, self.dims)
 
     @property
     def length(self) -> int:
@@ -83,6 +106,98 @@ class SparsePrefill:
 
 
 @dataclass
+class VideoContext:
+    """What decoding after one request's video prompt needs, kept from its prefill.
+
+    ``cube_ids`` ``[1, n]`` and ``index`` are the prompt's; ``mean_keys`` maps each layer whose
+    prefill ran AdaS-Attn to its ``[1, Hkv, C, D]`` float32 cube mean keys (layers without them
+    decode dense). ``attn_stats`` and ``decode_tokens`` count the decoding (see :meth:`report`).
+    """
+
+    digest: str
+    cube_ids: torch.Tensor
+    index: CubeIndex
+    num_layers: int
+    dims: LayerDims
+    mean_keys: dict = field(default_factory=dict)
+    attn_stats: dict = field(default_factory=dict)
+    decode_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        d = self.dims
+        self.attn_stats = {i: AttentionStats(d.heads, d.head_dim, d.kv_heads) for i in range(self.num_layers)}
+
+    @property
+    def prompt_length(self) -> int:
+        return int(self.cube_ids.shape[1])
+
+    def cube_ids_for(self, nk: int) -> torch.Tensor:
+        """``[1, nk]`` cube ids of the first ``nk`` positions (generated tokens are text: -1)."""
+        n = self.prompt_length
+        if nk < n:
+            raise ValueError(f"a decode step over {nk} positions of a prompt of {n}")
+        return torch.cat([self.cube_ids, self.cube_ids.new_full((1, nk - n), -1)], dim=1)
+
+    def report(self) -> Report | None:
+        """The FLOPs report of the decoding so far (decoder layers; ``None`` when nothing decoded
+        sparse). The layers with mean keys count as sparse; the FFN of generated tokens is dense."""
+        if not self.mean_keys or not self.decode_tokens:
+            return None
+        return build_report(
+            self.dims,
+            self.attn_stats,
+            {i: FFNStats() for i in range(self.num_layers)},
+            dict.fromkeys(range(self.num_layers), self.decode_tokens),
+            sparse_layers=set(self.mean_keys),
+            sparse_ffn_layers=set(),
+            video_tokens=int((self.cube_ids >= 0).sum()),
+        )
+
+
+@dataclass
+class SparseDecode:
+    """Rows ``start:end`` of one request decoding after a video prompt: queries at the last
+    ``end - start`` of its ``seq_len`` positions."""
+
+    request: int
+    start: int
+    end: int
+    seq_len: int
+    context: VideoContext
+
+
+class DecodeStore:
+    """The :class:`VideoContext` of each live request whose prompt had a video, keyed by request
+    (the first KV-cache block of its block table, see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._contexts: dict[int, VideoContext] = {}
+
+    def __len__(self) -> int:
+        return len(self._contexts)
+
+    def get(self, key: int) -> VideoContext | None:
+        return self._contexts.get(key)
+
+    def put(self, key: int, context: VideoContext) -> None:
+        self._contexts[key] = context
+
+    def begin_step(self, keys: list[int], whole_prompt: list[bool]) -> list[VideoContext]:
+        """Drop the contexts of requests not in this step and of requests starting anew here (a
+        whole-prompt prefill under a stored key: the block was freed and given to a new request, or
+        a preempted request is recomputed). Returns what was dropped, in key order."""
+        fresh = {k for k, w in zip(keys, whole_prompt, strict=True) if w}
+        live = set(keys) - fresh
+        gone = sorted(k for k in self._contexts if k not in live)
+        return [self._contexts.pop(k) for k in gone]
+
+    def clear(self) -> list[VideoContext]:
+        gone = list(self._contexts.values())
+        self._contexts.clear()
+        return gone
+
+
+@dataclass
 class Step:
     """The requests of one engine step that run AdaSpark (empty: the step runs as stock vLLM)."""
 
@@ -90,6 +205,10 @@ class Step:
     num_rows: int
     #: layer -> residual stream entering its FFN sub-layer (the AdaS-FFN scores)
     residual: dict = field(default_factory=dict)
+    #: requests decoding after a video prompt
+    decodes: list[SparseDecode] = field(default_factory=list)
+    #: contexts dropped at the start of this step (their requests finished)
+    dropped: list[VideoContext] = field(default_factory=list)
 
 
 def _video_grid(positions: torch.Tensor, rows: torch.Tensor, merge: int, where: str) -> tuple[int, int, int]:
@@ -118,6 +237,8 @@ def plan_step(
     merge: int,
     num_layers: int,
     dims: LayerDims,
+    store: DecodeStore | None = None,
+    keys: torch.Tensor | None = None,
 ) -> Step:
     """The :class:`Step` of one forward.
 
@@ -128,6 +249,8 @@ def plan_step(
         input_ids: ``[N]`` token ids (for the report digest).
         config, merge: AdaSpark settings and the spatial merge size.
         num_layers, dims: decoder depth and shapes (for the counters).
+        store, keys: the video contexts of earlier prompts and ``[R]`` the key of each request (the
+            first block of its block table); without them decode steps stay dense.
 
     Raises:
         NotImplementedError: a video request continues a context (chunked prefill, prefix caching).
@@ -137,8 +260,20 @@ def plan_step(
     lens = seq_lens.tolist()
     n = int(video_rows.shape[0])
     prefills = []
+    decodes = []
+    dropped = []
+    key_list = None
+    if store is not None and keys is not None:
+        key_list = [int(x) for x in keys.tolist()[: len(lens)]]
+        whole = [int(lens[r]) == int(qsl[r + 1]) - int(qsl[r]) for r in range(len(lens))]
+        dropped = store.begin_step(key_list, whole)
     for r in range(len(lens)):
         s, e = int(qsl[r]), int(qsl[r + 1])
+        ctx = store.get(key_list[r]) if key_list is not None and int(lens[r]) > e - s else None
+        if ctx is not None and s < e:
+            ctx.decode_tokens += e - s
+            decodes.append(SparseDecode(request=r, start=s, end=e, seq_len=int(lens[r]), context=ctx))
+            continue
         if s >= e or not bool(video_rows[s:e].any()):
             continue
         if int(lens[r]) != e - s:
@@ -163,24 +298,26 @@ def plan_step(
         layout = build_layout(
             types[None], torch.tensor(grids, dtype=torch.long), cube=config.cube, spatial_merge_size=merge
         )
-        prefills.append(
-            SparsePrefill(
-                request=r,
-                start=s,
-                end=e,
-                cube_ids=layout.cube_ids,
-                index=build_cube_index(layout.cube_ids),
-                digest=prompt_digest(input_ids[s:e].tolist()),
-                num_layers=num_layers,
-                dims=dims,
-            )
+        pf = SparsePrefill(
+            request=r,
+            start=s,
+            end=e,
+            cube_ids=layout.cube_ids,
+            index=build_cube_index(layout.cube_ids),
+            digest=prompt_digest(input_ids[s:e].tolist()),
+            num_layers=num_layers,
+            dims=dims,
         )
-    return Step(prefills=prefills, num_rows=n)
+        if key_list is not None:
+            store.put(key_list[r], pf.context)
+        prefills.append(pf)
+    return Step(prefills=prefills, num_rows=n, decodes=decodes, dropped=dropped)
 
 
-def record_dense_attention(stats: AttentionStats, n: int, kv_heads: int) -> None:
-    """Count one causal prefill of ``n`` tokens that ran dense (a layer kept dense)."""
-    pairs = n * (n + 1) // 2
+def record_dense_attention(stats: AttentionStats, n: int, kv_heads: int, past: int = 0) -> None:
+    """Count ``n`` causal queries after ``past`` cached tokens that ran dense (a layer kept dense;
+    ``past = 0``: a prefill)."""
+    pairs = n * (n + 1) // 2 + n * past
     stats.kv_heads = kv_heads
     stats.queries += n
     stats.causal_pairs += pairs

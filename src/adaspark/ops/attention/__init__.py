@@ -82,6 +82,7 @@ __all__ = [
     "BlockPlan",
     "CostFit",
     "CostModel",
+    "backend_after_cache",
     "cube_sparse_attention",
     "cube_sparse_attention_blocked",
     "cube_sparse_attention_decode",
@@ -135,6 +136,13 @@ BACKEND_GRANULARITIES: dict[str, tuple[str, ...]] = {
     "native": GRANULARITIES,
     "triton": GRANULARITIES,
 }
+
+
+def backend_after_cache(backend: str, nq: int, nk: int) -> str:
+    """The backend to name for ``nq`` queries over ``nk`` keys when ``backend`` is configured:
+    ``flex`` is a prefill kernel, so new tokens after a cache (``nq < nk``) take ``auto``'s path;
+    every other backend is kept."""
+    return "auto" if backend == "flex" and nq != nk else backend
 
 
 def resolve_attention_backend(

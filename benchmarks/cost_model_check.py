@@ -17,7 +17,6 @@ import argparse
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,16 +31,7 @@ from adaspark.ops.attention.blocks import plan_blocks, run_blocks
 from adaspark.ops.attention.common import causal_valid_pairs, prepare_inputs
 from adaspark.ops.attention.cost import CostModel, estimate_executed
 
-from _bench import machine, markdown_table, write_outputs
-
-
-def _time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from _bench import machine, markdown_table, median_time, write_outputs
 
 
 def main(argv=None) -> int:
@@ -110,7 +100,7 @@ def main(argv=None) -> int:
         t = {"dense": [], "select": [], "kernel": []}
         for _ in range(args.repeats):
             for nm_, fn in (("dense", dense), ("select", select), ("kernel", kernel)):
-                t[nm_].append(_time(fn, 1))
+                t[nm_].append(median_time(fn, 1, warmup=False))
         td, ts, tk = (statistics.median(t[x]) for x in ("dense", "select", "kernel"))
         pd = fit.dense_time(pairs, inp.hq, inp.d)
         ps = fit.select_time(inp.bsz * inp.nq, cubes, inp.hq, inp.d)

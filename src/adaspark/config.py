@@ -293,6 +293,18 @@ class AdaSparkConfig:
         """The token-selection policy of AdaS-FFN as an ops-level :class:`SelectionPolicy`."""
         return SelectionPolicy(kind=self.policy, p=self.ffn_p, k=self.top_k_tokens, ratio=self.ratio)
 
+    def attention_options(self) -> dict:
+        """The keyword arguments of :func:`~adaspark.ops.attention.cube_sparse_attention` that come
+        straight from this config (path, granularity and the speed thresholds), for its callers."""
+        return {
+            "query_block": self.query_block,
+            "granularity": self.granularity,
+            "dense_fallback": self.dense_fallback,
+            "flex_min_tokens": self.flex_min_tokens,
+            "decode_gather_fraction": self.decode_gather_fraction,
+            "blocked_dense_fraction": self.blocked_dense_fraction,
+        }
+
     def is_dense_layer(self, layer_idx: int, num_layers: int) -> bool:
         """Whether decoder layer ``layer_idx`` (of ``num_layers``) is kept dense."""
         return any((i % num_layers) == layer_idx for i in self.dense_layers if -num_layers <= i < num_layers)

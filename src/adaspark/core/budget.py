@@ -160,10 +160,8 @@ def search_threshold(
         else:
             mid = (lo + hi) / 2
     if hi >= 1.0:
-        if at_one is not None and at_one - want < want - executed(lo):
-            return 1.0
-        return lo
-    return lo if want - executed(lo) <= executed(hi) - want else hi
+        return 1.0 if at_one is not None and at_one - want < want - e_lo else lo
+    return lo if want - e_lo <= e_hi - want else hi
 
 
 def _clamp01(x: float) -> float:

@@ -608,13 +608,8 @@ class _State:
             mean_keys=mk,
             index=index,
             stats=st,
-            query_block=cfg.query_block,
-            granularity=cfg.granularity,
-            dense_fallback=cfg.dense_fallback,
             cost_model=self.cost_model,
-            flex_min_tokens=cfg.flex_min_tokens,
-            decode_gather_fraction=cfg.decode_gather_fraction,
-            blocked_dense_fraction=cfg.blocked_dense_fraction,
+            **cfg.attention_options(),
         )
         return out, None
 

@@ -179,12 +179,7 @@ class AdaSparkAttentionImpl:
                 mean_keys=mk,
                 index=pf.index,
                 stats=st,
-                query_block=cfg.query_block,
-                granularity=cfg.granularity,
-                dense_fallback=cfg.dense_fallback,
-                flex_min_tokens=cfg.flex_min_tokens,
-                decode_gather_fraction=cfg.decode_gather_fraction,
-                blocked_dense_fraction=cfg.blocked_dense_fraction,
+                **cfg.attention_options(),
             )
             output[s:e] = o[0].transpose(0, 1).to(output.dtype)
         for sd in step.decodes:
@@ -218,12 +213,7 @@ class AdaSparkAttentionImpl:
             mean_keys=mk,
             index=ctx.index,
             stats=st,
-            query_block=cfg.query_block,
-            granularity=cfg.granularity,
-            dense_fallback=cfg.dense_fallback,
-            flex_min_tokens=cfg.flex_min_tokens,
-            decode_gather_fraction=cfg.decode_gather_fraction,
-            blocked_dense_fraction=cfg.blocked_dense_fraction,
+            **cfg.attention_options(),
         )
         output[sd.start : sd.end] = o[0].transpose(0, 1).to(output.dtype)
 

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from adaspark.core.io import atomic_path, atomic_write_json
-from adaspark.needle import COLORS, DIGITS, SHAPES, TASKS, make_item, render_frames
+from adaspark.needle import COLORS, DIGITS, SHAPES, TASKS, cell_seed, make_item, render_frames
 from adaspark.needle import model as nm
 from adaspark.needle import smolvl as sv
 from adaspark.needle.smollm2 import WHEEL_REQUIREMENT, WHEEL_SHA256, load_smollm2
@@ -111,6 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument(
         "--tasks",
         nargs="+",
+        choices=TASKS,
         default=["retrieval", "retrieval", "ordering", "counting"],
         help="task of each item, drawn uniformly from this list (repeat to weight)",
     )
@@ -151,6 +152,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval-split", default="val", choices=["val", "test"])
     ap.add_argument("--eval-lengths", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--eval-n", type=int, default=4)
+    ap.add_argument("--eval-tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    ap.add_argument(
+        "--eval-name", default=None, help="file name of the --eval-only result (default eval_SPLIT.json)"
+    )
     return ap.parse_args(argv)
 
 
@@ -315,11 +320,12 @@ def forward_logits(model, args, step: int, inputs, targets, labels, none_id: int
 
 
 # ---------------------------------------------------------------------------------------- eval
-def eval_items(split: str, lengths, n: int):
+def eval_items(split: str, lengths, n: int, tasks=TASKS):
+    """``n`` items per (length, task); the core tasks' seeds are those of earlier runs (``cell_seed``)."""
     items = []
     for li, length in enumerate(lengths):
-        for ti, task in enumerate(TASKS):
-            base = (li * len(TASKS) + ti) * n
+        for task in tasks:
+            base = cell_seed(lengths, tasks, li, task, n)
             items += [make_item(task, length, base + j, split=split) for j in range(n)]
     return items
 
@@ -446,7 +452,7 @@ def main(argv=None) -> int:
         if not args.untrained:
             sv.load_trained(model, out)
             step = json.loads((out / "training_config.json").read_text(encoding="utf-8")).get("step")
-        items = eval_items(args.eval_split, args.eval_lengths, args.eval_n)
+        items = eval_items(args.eval_split, args.eval_lengths, args.eval_n, args.eval_tasks)
         t0 = time.perf_counter()
         acc = accuracy(model, vtok, items, settings)
         rec = {
@@ -458,7 +464,7 @@ def main(argv=None) -> int:
             "seconds": round(time.perf_counter() - t0, 1),
         }
         print(json.dumps(rec, indent=1))
-        name = f"eval_{args.eval_split}{'_untrained' if args.untrained else ''}.json"
+        name = args.eval_name or f"eval_{args.eval_split}{'_untrained' if args.untrained else ''}.json"
         atomic_write_json(out / name, rec)
         return 0
     adapters = sv.add_lora(model, args.lora_rank, args.lora_alpha, seed=args.seed) if args.stage >= 2 else []

@@ -17,6 +17,7 @@ pytest.importorskip("av")
 
 from adaspark import cli
 from adaspark.commands import eval as eval_command
+from adaspark.needle import TASKS
 
 from conftest import ask_prefill, decode_attn_density
 
@@ -189,7 +190,8 @@ def test_eval_writes_every_result_file(tmp_path):
     rows = _rows(out)
     variants = ["dense", "top_p@0.5", "top_k@0.5", "ratio@0.5", "top_p@0.5-nocomp"]
     assert sorted({r["variant"] for r in rows}) == sorted(variants)
-    assert len(rows) == 3 * len(variants)  # 3 tasks x 1 item x 5 variants
+    assert len(rows) == len(TASKS) * len(variants)  # every task x 1 item x 5 variants
+    assert {r["task"] for r in rows} == set(TASKS)
     for r in rows:
         assert r["num_frames"] == 32 and r["flops_dense"] > 0 and 0 <= r["pred"] < 4
     for name in ("summary.csv", "summary.md", "accuracy_vs_flops.png", "eval_config.json"):
@@ -234,7 +236,7 @@ def test_eval_resumes_after_interruption(tmp_path, monkeypatch):
     assert code == 0, err
     rows = _rows(out)
     pairs = [(r["item_id"], r["variant"]) for r in rows]
-    assert len(pairs) == len(set(pairs)) == 3 * 2  # every pair exactly once
+    assert len(pairs) == len(set(pairs)) == len(TASKS) * 2  # every pair exactly once
     assert (out / "summary.md").is_file() and not (out / "accuracy_vs_flops.png").exists()
 
 
@@ -288,16 +290,16 @@ def test_eval_two_shard_processes_equal_one_run(tmp_path):
     ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    assert "shard 0/2: 2 of 3 items" in outs[0][0].decode() and "shard 1/2: 1 of 3" in outs[1][0].decode()
+    assert "shard 0/2: 2 of 4 items" in outs[0][0].decode() and "shard 1/2: 2 of 4" in outs[1][0].decode()
     code, stdout, err = run_cli([*EVAL_TINY, "--no-progress", "--out", str(tmp_path / "one")])
     assert code == 0, err
     single = _by_pair(_rows(tmp_path / "one"))
-    assert len(single) == 3 * 2
+    assert len(single) == len(TASKS) * 2
     assert _by_pair(_rows(shared)) == single  # nothing lost, nothing twice, the same answers and FLOPs
-    assert sorted(r["shard"] for r in _rows(shared)) == ["0/2"] * 4 + ["1/2"] * 2  # each did its part
+    assert sorted(r["shard"] for r in _rows(shared)) == ["0/2"] * 4 + ["1/2"] * 4  # each did its part
     assert {r["shard"] for r in _rows(tmp_path / "one")} == {None}
     # the summary of the shared directory covers both shards (the later one wrote it)
-    assert "| dense | 3 |" in eval_command._overall_table(shared) and "| dense | 3 |" in stdout
+    assert "| dense | 4 |" in eval_command._overall_table(shared) and "| dense | 4 |" in stdout
 
     # --merge: the two shards' rows in two directories, merged into a third
     rows = _rows(shared)
@@ -317,11 +319,11 @@ def test_eval_two_shard_processes_equal_one_run(tmp_path):
     code, stdout, err = run_cli(argv)
     assert code == 0, err
     assert (
-        _by_pair(_rows(merged)) == single and "6 rows added from 2 directories (0 already present)" in stdout
+        _by_pair(_rows(merged)) == single and "8 rows added from 2 directories (0 already present)" in stdout
     )
-    assert "| dense | 3 |" in stdout and (merged / "summary.csv").is_file()
+    assert "| dense | 4 |" in stdout and (merged / "summary.csv").is_file()
     code, stdout, err = run_cli(argv)  # again: nothing added
-    assert code == 0 and "0 rows added from 2 directories (6 already present)" in stdout
+    assert code == 0 and "0 rows added from 2 directories (8 already present)" in stdout
 
 
 @pytest.mark.parametrize("shard", ["2/2", "3/2", "-1/2", "1", "a/b", "0/0", "1/2/3"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from adaspark import AdaSparkConfig
-from adaspark.needle import make_split
+from adaspark.needle import CORE_TASKS, make_split
 from adaspark.needle.evaluate import (
     Budget,
     Variant,
@@ -64,7 +64,7 @@ class FakeModel:
 
 @pytest.fixture(scope="module")
 def items():
-    return make_split("test", 2, (64, 128), seed=100)  # 12 items
+    return make_split("test", 2, (64, 128), CORE_TASKS, seed=100)  # 12 items
 
 
 @pytest.fixture(scope="module")
@@ -129,14 +129,14 @@ def test_real_sigkill(tmp_path):
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_needle_evaluate import FakeModel
         from adaspark.needle.evaluate import Variant, run_eval
-        from adaspark.needle import make_split
+        from adaspark.needle import CORE_TASKS, make_split
 
         fake = FakeModel()
         def slow(item, variant):
             time.sleep(0.05)
             return fake(item, variant)
 
-        items = make_split("test", 4, (64,), seed=0)
+        items = make_split("test", 4, (64,), CORE_TASKS, seed=0)
         run_eval(items, [Variant("dense", None)], slow, {str(tmp_path)!r}, progress=False, plot=False)
         """
     )
@@ -149,7 +149,7 @@ def test_real_sigkill(tmp_path):
     proc.wait()
     done = len(load_results(path))
     assert 3 <= done < 12
-    items = make_split("test", 4, (64,), seed=0)
+    items = make_split("test", 4, (64,), CORE_TASKS, seed=0)
     fake = FakeModel()
     run_eval(items, [Variant("dense", None)], fake, tmp_path, progress=False, plot=False)
     rows = load_results(path)
@@ -251,6 +251,17 @@ def test_standard_variants():
     assert by["ratio@0.5"].ratio == 0.4 and (by["top_k@0.5"].top_k, by["top_k@0.5"].top_k_tokens) == (5, 20)
     assert by["top_p@0.5"].cube == (2, 4, 4)
     assert [v.name for v in standard_variants((0.7,), families=("top_p",))] == ["dense", "top_p@0.7"]
+    adaptive = standard_variants((0.7,), families=("top_p", "adaptive"), flop_budgets=(0.5,))
+    assert [v.name for v in adaptive] == [
+        "dense",
+        "top_p@0.7",
+        "top_p@0.7-adaptive",
+        "budget@0.5",
+        "budget@0.5-adaptive",
+    ]
+    by = {v.name: v.config for v in adaptive}
+    assert by["top_p@0.7-adaptive"].cube_mode == "adaptive" and by["top_p@0.7"].cube_mode == "fixed"
+    assert by["budget@0.5-adaptive"].budget == 0.5 and by["budget@0.5-adaptive"].cube_mode == "adaptive"
     with pytest.raises(ValueError, match=r"every p must be a number in \(0, 1\]"):
         standard_variants((1.5,))
     with pytest.raises(ValueError, match="unknown variant families"):
@@ -275,7 +286,7 @@ import sys, time
 sys.path.insert(0, {tests!r})
 from test_needle_evaluate import FakeModel
 from adaspark.core.sharding import parse_shard
-from adaspark.needle import make_split
+from adaspark.needle import CORE_TASKS, make_split
 from adaspark.needle.evaluate import run_eval, standard_variants
 
 fake = FakeModel()
@@ -284,7 +295,7 @@ def slow(item, variant):
     return fake(item, variant)
 
 shard = None if sys.argv[1] == "all" else parse_shard(sys.argv[1])
-items = make_split("test", 2, (64, 128), seed=100)
+items = make_split("test", 2, (64, 128), CORE_TASKS, seed=100)
 run_eval(items, standard_variants((0.9, 0.3)), slow, sys.argv[2], progress=False, plot=False, shard=shard)
 print(len(fake.calls))
 """

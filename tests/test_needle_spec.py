@@ -9,6 +9,7 @@ from that. It must pick the option the generator marked as correct.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import time
 
@@ -17,12 +18,14 @@ import pytest
 
 from adaspark.needle import (
     COLORS,
+    CORE_TASKS,
     DIGITS,
     SHAPES,
     SPLIT_SIZE,
     TASKS,
     VOCABULARY,
     NeedleItem,
+    cell_seed,
     format_prompt,
     global_seed,
     load_frames,
@@ -31,6 +34,7 @@ from adaspark.needle import (
     needle_mask,
     read_split,
     render_frames,
+    time_range,
     tokenize,
     video_path,
     write_split,
@@ -84,7 +88,7 @@ def _oracle(item: NeedleItem, frames: np.ndarray) -> int:
             kind, label, colour, _, _ = _identify(sat[start], frames[start], 56)
             # A temporal patch (2 frames) always sees a needle whole: it starts on an even frame, lasts >= 2.
             assert start % 2 == 0 and t - start >= 2
-            events.append({"kind": kind, "label": label, "colour": colour})
+            events.append({"kind": kind, "label": label, "colour": colour, "frame": start})
     q = item.question
     if q == "What shape appeared in the video?":
         (e,) = events
@@ -102,6 +106,15 @@ def _oracle(item: NeedleItem, frames: np.ndarray) -> int:
         truth = events[-1]["label"]
     elif q == "In which order did the shapes appear?":
         truth = ", ".join(e["label"] for e in events)
+    elif q.startswith("When did the "):
+        shape = q.removeprefix("When did the ").removesuffix(" appear?")
+        (e,) = [e for e in events if e["label"] == shape]
+        second = e["frame"] / item.fps
+        ranges = [time_range(o) for o in item.options]
+        assert ranges == sorted(ranges) and all(a < b for a, b in ranges), item.options
+        hits = [o for o, (a, b) in zip(item.options, ranges, strict=True) if a <= second < b]
+        assert len(hits) == 1, (second, item.options)
+        truth = hits[0]
     else:
         shape = q.removeprefix("How many times did the ").removesuffix(" appear?")
         assert shape in SHAPES, q
@@ -170,7 +183,7 @@ def test_json_round_trip():
 
 def test_split_is_balanced_and_disjoint():
     items = make_split("train", 8, (64, 128))
-    assert len(items) == 2 * 3 * 8 and len({i.id for i in items}) == len(items)
+    assert len(items) == 2 * len(TASKS) * 8 and len({i.id for i in items}) == len(items)
     assert len({i.seed for i in items}) == len(items)
     cells = collections.Counter((i.num_frames, i.task, i.answer) for i in items)
     assert set(cells.values()) == {2}  # every letter twice in every (length, task) cell
@@ -187,10 +200,63 @@ def test_vocabulary_covers_every_prompt():
     vocab = set(VOCABULARY)
     for item in make_split("val", 8, (64,)):
         words = tokenize(format_prompt(item))
+        if item.task == "localization":  # seconds are numbers of any size
+            words = [w for w in words if not w.isdigit()]
         assert set(words) <= vocab, set(words) - vocab
-        for opt in item.options:
-            assert set(tokenize(opt)) <= vocab
     assert tokenize("Which shape appeared first?") == ["which", "shape", "appeared", "first", "?"]
+
+
+@pytest.mark.parametrize("num_frames", [16, 18, 30, 64, 250, 1024, 4096])
+def test_localization_ranges(num_frames):
+    """The four offered ranges are among the video's equal segments, in time order, the target's
+    neighbours offered where the letter allows; letters balanced per block of 4 seeds."""
+    letters = collections.Counter()
+    for seed in range(16):
+        item = make_item("localization", num_frames, seed, split="train")
+        ranges = [time_range(o) for o in item.options]
+        duration = item.num_frames / item.fps
+        assert all(0 <= a < b <= duration + 1e-9 for a, b in ranges)
+        assert ranges == sorted(ranges) and len(set(ranges)) == 4
+        (target,) = [n for n in item.needles if n["role"] == "target"]
+        t = target["frame"] / item.fps
+        a, b = ranges[item.answer]
+        assert a <= t and (target["frame"] + target["frames"]) / item.fps <= b + 1e-9
+        if item.answer > 0:  # the range just before the right one is offered
+            assert ranges[item.answer - 1][1] == a
+        if item.answer < 3:
+            assert ranges[item.answer + 1][0] == b
+        slots = sorted(n["frame"] // n["frames"] for n in item.needles)
+        assert all(y - x >= 2 for x, y in itertools.pairwise(slots))  # needles never touch in time
+        assert all(n["label"] != target["label"] for n in item.needles if n["role"] == "distractor")
+        letters[item.answer_letter] += 1
+    assert set(letters.values()) == {4}
+
+
+def test_time_range():
+    assert time_range("12 s to 16 s") == (12.0, 16.0)
+    assert time_range("0.5 s to 2.25 s") == (0.5, 2.25)
+    with pytest.raises(ValueError, match="not a time range"):
+        time_range("circle")
+
+
+def test_cell_seed_keeps_core_seeds_and_never_collides():
+    lengths = (64, 256, 1024)
+    for li in range(3):
+        for ti, task in enumerate(CORE_TASKS):
+            assert cell_seed(lengths, TASKS, li, task, 5) == (li * 3 + ti) * 5
+            assert cell_seed(lengths, CORE_TASKS, li, task, 5) == (li * 3 + ti) * 5
+    starts = [cell_seed(lengths, TASKS, li, t, 5) for li in range(3) for t in TASKS]
+    assert sorted(starts) == list(range(0, 3 * len(TASKS) * 5, 5))
+    assert cell_seed(lengths, ["localization"], 1, "localization", 4) == 4
+    assert cell_seed(lengths, ["counting", "retrieval"], 1, "retrieval", 4) == 3 * 4
+    # make_split: adding localization leaves the core items as they were
+    core = make_split("test", 4, (64, 128), CORE_TASKS)
+    every = make_split("test", 4, (64, 128))
+    assert [i for i in every if i.task != "localization"] == core
+    assert len({i.seed for i in every}) == len(every) == 2 * len(TASKS) * 4
+    assert max(i.seed for i in every) == len(every) - 1
+    with pytest.raises(ValueError, match="not among"):
+        cell_seed(lengths, CORE_TASKS, 0, "localization", 4)
 
 
 def test_long_video_and_speed():

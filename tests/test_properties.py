@@ -345,15 +345,21 @@ attention_policies = st.one_of(
 
 @st.composite
 def video_rows(draw, n: int):
-    """Cube ids ``[N]`` of one sample: text, then one or two videos cut into cubes, then text."""
-    from adaspark.core.layout import grid_cube_ids
+    """Cube ids ``[N]`` of one sample: text, then one or two videos cut into cubes (fixed, or
+    content-adaptive from random features), then text."""
+    from adaspark.core.layout import adaptive_grid_cube_ids, grid_cube_ids
 
     row = [-1] * draw(st.integers(0, 6))
     next_cube = 0
     for _ in range(draw(st.integers(0, 2))):
         t, h, w = draw(st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 5)))
         cube = draw(st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 3)))
-        local = grid_cube_ids(t, h, w, cube)
+        if draw(st.booleans()):
+            g = torch.Generator().manual_seed(draw(st.integers(0, 99)))
+            feats = torch.randn(t * h * w, 6, generator=g)
+            local = adaptive_grid_cube_ids(feats, (t, h, w), cube)
+        else:
+            local = grid_cube_ids(t, h, w, cube)
         row += (local + next_cube).tolist()
         next_cube += int(local.max()) + 1
         row += [-1] * draw(st.integers(0, 4))

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from adaspark.core.layout import adaptive_cube_bounds
 from adaspark.ops.attention import (
     ATTENTION_BACKENDS,
     BACKEND_GRANULARITIES,
@@ -26,8 +27,10 @@ from adaspark.ops.selection import SelectionPolicy
 Policy = Literal["top_p", "top_k", "ratio"]
 Backend = Literal["auto", "reference", "blocked", "decode", "gather", "flex", "native", "triton"]
 Granularity = Literal["token", "cube"]
+CubeMode = Literal["fixed", "adaptive"]
 
 POLICIES: tuple[str, ...] = ("top_p", "top_k", "ratio")
+CUBE_MODES: tuple[str, ...] = ("fixed", "adaptive")
 BACKENDS: tuple[str, ...] = ("auto", *ATTENTION_BACKENDS)
 
 
@@ -65,6 +68,16 @@ class AdaSparkConfig:
         p_ffn: Optional override of ``p`` for AdaS-FFN (token selection inside cubes).
         cube: Cube size ``(t, h, w)`` in LM tokens (after the 2×2 spatial merge). Edge cubes may
             be smaller.
+        cube_mode: ``"fixed"`` (default): every video is tiled by ``cube``. ``"adaptive"``: each
+            video gets as many cubes as that tiling, shaped by its content
+            (:func:`adaspark.core.layout.adaptive_grid_cube_ids`, from the decoder's input
+            embeddings): tiled by ``adaptive_max_cube`` first, then the cube whose cut in two best
+            lowers the spread of its tokens' features is cut, until the count is reached — static
+            regions keep long, large cubes, busy ones small cubes. Every cube is a box; the
+            guarantees of fixed cubes hold unchanged (own cube, causality, p = 1 equals dense). It
+            needs the whole prompt in one prefill (no chunked prefill) and transformers (not vLLM).
+        adaptive_max_cube / adaptive_min_cube: Largest and smallest adaptive cube ``(t, h, w)``;
+            ``None``: ``(4·ct, 2·ch, 2·cw)`` and ``(⌈ct/4⌉, ⌈ch/4⌉, ⌈cw/4⌉)`` around ``cube``.
         dense_layers: Decoder layer indices that stay fully dense (attention and FFN). Negative
             indices count from the end.
         policy: Selection policy for both modules: ``"top_p"`` (default, the paper's adaptive
@@ -153,6 +166,9 @@ class AdaSparkConfig:
     p_attn: float | None = None
     p_ffn: float | None = None
     cube: tuple[int, int, int] = (4, 4, 4)
+    cube_mode: CubeMode = "fixed"
+    adaptive_max_cube: tuple[int, int, int] | None = None
+    adaptive_min_cube: tuple[int, int, int] | None = None
     dense_layers: tuple[int, ...] = ()
     policy: Policy = "top_p"
     top_k: int = 8
@@ -189,6 +205,25 @@ class AdaSparkConfig:
                 f"AdaSparkConfig.cube must be three positive integers (t, h, w) in LM tokens, got {cube!r}"
             )
         object.__setattr__(self, "cube", tuple(int(c) for c in cube))
+        if self.cube_mode not in CUBE_MODES:
+            raise ValueError(f"AdaSparkConfig.cube_mode must be one of {CUBE_MODES}, got {self.cube_mode!r}")
+        for name in ("adaptive_max_cube", "adaptive_min_cube"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if (
+                not isinstance(value, (tuple, list))
+                or len(value) != 3
+                or not all(_is_int(c) and c >= 1 for c in value)
+            ):
+                raise ValueError(
+                    f"AdaSparkConfig.{name} must be None or three positive integers (t, h, w), got {value!r}"
+                )
+            object.__setattr__(self, name, tuple(int(c) for c in value))
+        try:
+            adaptive_cube_bounds(self.cube, self.adaptive_max_cube, self.adaptive_min_cube)
+        except ValueError as e:
+            raise ValueError(f"AdaSparkConfig.adaptive_max_cube / adaptive_min_cube: {e}") from None
         layers = self.dense_layers
         if isinstance(layers, int) or not all(_is_int(i) for i in layers):
             raise ValueError(

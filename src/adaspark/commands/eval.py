@@ -30,6 +30,7 @@ from pathlib import Path
 from adaspark import __version__
 from adaspark.commands.common import (
     MODEL_HELP,
+    NEEDLE_TASKS,
     add_config_arguments,
     check_model,
     config_from_args,
@@ -37,16 +38,15 @@ from adaspark.commands.common import (
     positive_int,
 )
 from adaspark.commands.errors import UsageError, fail
+from adaspark.needle.evaluate import DEFAULT_FAMILIES, FAMILIES
 
 #: the AdaSparkConfig fields eval takes as flags (the base of every variant)
-CONFIG_FLAGS = ("backend", "granularity", "cube", "cost_model")
+CONFIG_FLAGS = ("backend", "granularity", "cube", "cube_mode", "cost_model")
 
 __all__ = ["DEFAULT_LENGTHS", "DEFAULT_PS", "add_parser", "make_answer_fn", "run"]
 
 DEFAULT_LENGTHS = (64, 256, 1024)
 DEFAULT_PS = (0.9, 0.7, 0.5, 0.3)
-_TASKS = ("retrieval", "ordering", "counting")
-_FAMILIES = ("top_p", "top_k", "ratio", "no_comp")
 
 
 # ---------------------------------------------------------------------------------------- parser
@@ -77,7 +77,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
         "--n", type=positive_int, default=4, help="items per (length, task) cell (default %(default)s)"
     )
     parser.add_argument(
-        "--tasks", choices=_TASKS, nargs="+", default=list(_TASKS), help="(default: all three)"
+        "--tasks", choices=NEEDLE_TASKS, nargs="+", default=list(NEEDLE_TASKS), help="(default: all of them)"
     )
     parser.add_argument("--seed", type=int, default=0, help="first item seed of the split (default 0)")
     parser.add_argument(
@@ -104,10 +104,11 @@ def add_parser(commands) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--families",
-        choices=_FAMILIES,
+        choices=FAMILIES,
         nargs="+",
-        default=list(_FAMILIES),
-        help="variant families besides dense (default: all: top_p top_k ratio no_comp)",
+        default=list(DEFAULT_FAMILIES),
+        help="variant families besides dense (default: top_p top_k ratio no_comp; adaptive: Top-p, and "
+        "budget mode with --budgets, on content-adaptive cubes)",
     )
     parser.add_argument(
         "--calibrate",

@@ -58,6 +58,8 @@ if TYPE_CHECKING:
     from adaspark.core.sharding import Shard
 
 __all__ = [
+    "DEFAULT_FAMILIES",
+    "FAMILIES",
     "REQUIRED_KEYS",
     "AnswerFn",
     "Budget",
@@ -149,12 +151,17 @@ def _check_ps(ps) -> list[float]:
     return [float(p) for p in ps]
 
 
+#: variant families of :func:`standard_variants`; the default sweep runs the first four
+FAMILIES: tuple[str, ...] = ("top_p", "top_k", "ratio", "no_comp", "adaptive")
+DEFAULT_FAMILIES: tuple[str, ...] = FAMILIES[:4]
+
+
 def standard_variants(
     ps: Sequence[float] = (0.9, 0.7, 0.5, 0.3),
     *,
     base: AdaSparkConfig | None = None,
     budgets: Mapping[float, Budget] | None = None,
-    families: Sequence[str] = ("top_p", "top_k", "ratio", "no_comp"),
+    families: Sequence[str] = DEFAULT_FAMILIES,
     reference_frames: int = 256,
     reference_size: tuple[int, int] = (112, 112),
     flop_budgets: Sequence[float] = (),
@@ -162,8 +169,10 @@ def standard_variants(
     """Dense plus, for every ``p``, the requested families (in this order per ``p``).
 
     Families: ``"top_p"`` (``top_p@p``, the paper's method), ``"top_k"`` (``top_k@p``) and
-    ``"ratio"`` (``ratio@p``) at the budget matched to ``top_p@p``, and ``"no_comp"``
-    (``top_p@p-nocomp``: AdaS-FFN without mean compensation).
+    ``"ratio"`` (``ratio@p``) at the budget matched to ``top_p@p``, ``"no_comp"``
+    (``top_p@p-nocomp``: AdaS-FFN without mean compensation) and ``"adaptive"``
+    (``top_p@p-adaptive``: content-adaptive cubes, ``cube_mode="adaptive"``; with ``flop_budgets``
+    also ``budget@B-adaptive``, the comparison with fixed cubes at matched FLOPs).
 
     Args:
         ps: Top-p thresholds, each in (0, 1].
@@ -181,9 +190,9 @@ def standard_variants(
     from adaspark.config import AdaSparkConfig
 
     ps = _check_ps(ps)
-    unknown = set(families) - {"top_p", "top_k", "ratio", "no_comp"}
+    unknown = set(families) - set(FAMILIES)
     if unknown:
-        raise ValueError(f"unknown variant families {sorted(unknown)}; use top_p, top_k, ratio, no_comp")
+        raise ValueError(f"unknown variant families {sorted(unknown)}; use {', '.join(FAMILIES)}")
     base = AdaSparkConfig() if base is None else base
     ref = _reference_cubes(base.cube, reference_frames, *reference_size)
     budgets = dict(budgets or {})
@@ -198,11 +207,17 @@ def standard_variants(
                 out.append(Variant(f"top_k@{p:g}", cfg))
             elif fam == "ratio":
                 out.append(Variant(f"ratio@{p:g}", base.replace(policy="ratio", p=p, ratio=b.ratio)))
+            elif fam == "adaptive":
+                cfg = base.replace(policy="top_p", p=p, cube_mode="adaptive")
+                out.append(Variant(f"top_p@{p:g}-adaptive", cfg))
             else:
                 cfg = base.replace(policy="top_p", p=p, mean_compensation=False)
                 out.append(Variant(f"top_p@{p:g}-nocomp", cfg))
     for b in flop_budgets:
         out.append(Variant(f"budget@{b:g}", base.replace(policy="top_p", budget=b)))
+        if "adaptive" in families:
+            cfg = base.replace(policy="top_p", budget=b, cube_mode="adaptive")
+            out.append(Variant(f"budget@{b:g}-adaptive", cfg))
     return out
 
 
@@ -573,6 +588,8 @@ def _variant_info(row: dict) -> dict:
     family = policy if comp else f"{policy}, no mean comp."
     if cfg.get("budget") is not None:
         family = "budget" if comp else "budget, no mean comp."
+    if cfg.get("cube_mode", "fixed") == "adaptive":
+        family += ", adaptive cubes"
     return {
         "family": family,
         "policy": policy,
@@ -714,7 +731,7 @@ def _plot(summary: list[dict], path: Path) -> None:
     overall = [s for s in summary if s["num_frames"] == "all" and s["task"] == "all"]
     fig = Figure(figsize=(10, 4.2), dpi=110)
     FigureCanvasAgg(fig)
-    markers = {"dense": "*", "top_p": "o", "top_k": "s", "ratio": "^"}
+    markers = {"dense": "*", "top_p": "o", "top_k": "s", "ratio": "^", "budget": "v"}
     for ax, key, title in zip(
         fig.subplots(1, 2), ("flops", "decoder_flops"), ("whole model", "decoder only"), strict=True
     ):
@@ -725,9 +742,13 @@ def _plot(summary: list[dict], path: Path) -> None:
             pts = sorted(pts, key=lambda s: s[key] / s[f"{key}_dense"] if s[f"{key}_dense"] else 1.0)
             xs = [100 * s[key] / s[f"{key}_dense"] if s[f"{key}_dense"] else 100.0 for s in pts]
             ys = [100 * s["accuracy"] for s in pts]
+            se = [100 * s["accuracy_se"] for s in pts]
             marker = markers.get(fam.split(",")[0], "D")
-            style = "--" if "no mean comp" in fam else "-"
-            ax.plot(xs, ys, style, marker=marker, markersize=10 if fam == "dense" else 6, label=fam)
+            style = "--" if "no mean comp" in fam else (":" if "adaptive" in fam else "-")
+            ax.errorbar(
+                xs, ys, yerr=se, fmt=style, marker=marker, markersize=10 if fam == "dense" else 6,
+                capsize=2, elinewidth=0.7, label=fam,
+            )  # fmt: skip
             if fam == "top_p":
                 for s, x, y in zip(pts, xs, ys, strict=True):
                     ax.annotate(
@@ -737,7 +758,7 @@ def _plot(summary: list[dict], path: Path) -> None:
         ax.set_xlabel(f"FLOPs, % of dense ({title})")
         ax.set_ylabel("accuracy, %")
         ax.set_ylim(0, 103)
-        ax.set_title(f"Accuracy vs FLOPs, {title}")
+        ax.set_title(f"Accuracy (± s.e.) vs executed FLOPs, {title}")
         ax.grid(True, alpha=0.3)
     fig.axes[0].legend(fontsize=8, loc="best")
     fig.tight_layout()

@@ -11,6 +11,12 @@ four-way multiple-choice question about them. Three task families:
   ``"circle, cross, square"``).
 * ``counting``: one shape shown 1–4 times (same colour each time), plus up to two distractor needles
   of other shapes. "How many times did the circle appear?" (options ``"1"`` … ``"4"``).
+* ``localization`` (precise temporal localization, a limitation the AdaSpark paper leaves open): one
+  shape shown once, plus up to two distractor needles of other shapes. "When did the circle
+  appear?", answered among four of the video's :data:`LOCALIZATION_SEGMENTS` equal time ranges, in
+  seconds at the item's ``fps`` (options like ``"12 s to 16 s"``, in time order). The two ranges
+  next to the right one are always among the options where the letter order allows, so a model
+  that only knows roughly when is often wrong.
 
 Everything is deterministic from ``(split, task, num_frames, seed, height, width)``: the same
 arguments give the same item and bit-identical frames on the same machine (NumPy's PCG64 generator
@@ -81,8 +87,10 @@ import numpy as np
 __all__ = [
     "ANSWER_LETTERS",
     "COLORS",
+    "CORE_TASKS",
     "DIGITS",
     "FOOTAGE",
+    "LOCALIZATION_SEGMENTS",
     "SHAPES",
     "SPLITS",
     "SPLIT_SEED_BASE",
@@ -90,17 +98,26 @@ __all__ = [
     "TASKS",
     "VOCABULARY",
     "NeedleItem",
+    "cell_seed",
     "format_prompt",
     "global_seed",
     "make_item",
     "make_split",
+    "time_range",
     "tokenize",
 ]
 
 GENERATOR_VERSION = 1
 """Bumped whenever the same arguments would give different items or frames."""
 
-TASKS: tuple[str, ...] = ("retrieval", "ordering", "counting")
+TASKS: tuple[str, ...] = ("retrieval", "ordering", "counting", "localization")
+"""Every task family. New families are appended (a task's index seeds its items and frames)."""
+CORE_TASKS: tuple[str, ...] = TASKS[:3]
+"""The three families of the benchmark's first version (what the tiny model and earlier results
+cover); :func:`cell_seed` keeps their seeds when later families are evaluated beside them."""
+LOCALIZATION_SEGMENTS = 8
+"""``localization`` cuts the video into this many equal time ranges (fewer when it has fewer time
+slots) and offers four of them."""
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 SPLIT_SIZE = 10_000_000
 """Seeds of one split are ``0 <= seed < SPLIT_SIZE``."""
@@ -139,6 +156,7 @@ _QUESTIONS = {
     ("ordering", "last"): "Which shape appeared last?",
     ("ordering", "order"): "In which order did the shapes appear?",
     ("counting", "count"): "How many times did the {shape} appear?",
+    ("localization", "when"): "When did the {shape} appear?",
 }
 _PROMPT_WORDS = ("answer", "with", "the", "letter", "a", "b", "c", "d", ".", ":")
 _TOKEN_RE = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
@@ -158,11 +176,13 @@ def _build_vocabulary() -> tuple[str, ...]:
         for shape in SHAPES:
             words.update(tokenize(text.format(shape=shape)))
     words.update(_PROMPT_WORDS)
+    words.update(("s", "to"))  # localization options: "12 s to 16 s"
     return tuple(sorted(words))
 
 
 VOCABULARY: tuple[str, ...] = _build_vocabulary()
-"""Every token (see :func:`tokenize`) that can occur in a question, an option or :func:`format_prompt`."""
+"""Every word (see :func:`tokenize`) that can occur in a question, an option or :func:`format_prompt`,
+except the numbers of seconds in ``localization`` options (any non-negative number)."""
 
 
 # ---------------------------------------------------------------------------------------- the item
@@ -361,6 +381,44 @@ def _time_slots(rng, num_slots: int, n: int) -> list[int]:
     return [int(p) + i for i, p in enumerate(picks)]
 
 
+def _segments(num_slots: int) -> list[int]:
+    """Slot boundaries of the localization time ranges: ``K + 1`` increasing integers from 0 to
+    ``num_slots``, ``K = min(LOCALIZATION_SEGMENTS, num_slots)`` ranges of near-equal length."""
+    k = min(LOCALIZATION_SEGMENTS, num_slots)
+    return [(j * num_slots) // k for j in range(k + 1)]
+
+
+def _localization_options(rng, num_segments: int, slot: int) -> tuple[int, list[int]]:
+    """The right range ``k`` and the four offered ranges in time order, ``k`` at position ``slot``:
+    ``slot`` ranges before ``k`` (the one next to it always among them) and ``3 - slot`` after."""
+    before, after = slot, NUM_OPTIONS - 1 - slot
+    k = int(rng.integers(before, num_segments - after))
+    earlier = [k - 1] if before else []
+    pool = list(range(k - 1))
+    earlier += [pool[i] for i in rng.permutation(len(pool))[: before - len(earlier)]]
+    later = [k + 1] if after else []
+    pool = list(range(k + 2, num_segments))
+    later += [pool[i] for i in rng.permutation(len(pool))[: after - len(later)]]
+    return k, [*sorted(earlier), k, *sorted(later)]
+
+
+def time_range(option: str) -> tuple[float, float]:
+    """``"12 s to 16 s" -> (12.0, 16.0)``: the time range of a ``localization`` option, in seconds.
+
+    Raises:
+        ValueError: ``option`` is not of that form.
+    """
+    m = re.fullmatch(r"(\d+(?:\.\d+)?) s to (\d+(?:\.\d+)?) s", option.strip())
+    if m is None:
+        raise ValueError(f"not a time range like '12 s to 16 s': {option!r}")
+    return float(m.group(1)), float(m.group(2))
+
+
+def _format_seconds(x: float) -> str:
+    """``12.0 -> "12"``, ``2.5 -> "2.5"``, ``1/3 -> "0.33"``."""
+    return f"{x:.2f}".rstrip("0").rstrip(".")
+
+
 def _positions(height: int, width: int, size: int) -> list[tuple[int, int]]:
     ys = range(0, height - size + 1, GRID)
     xs = range(0, width - size + 1, GRID)
@@ -465,6 +523,35 @@ def make_item(
             others = [", ".join(p) for p in itertools.permutations(SHAPES, n)]
             options, answer = _with_answer(truth, _pick_distractors(rng, truth, perms, others), slot)
         question = _QUESTIONS[("ordering", form)]
+    elif task == "localization":
+        target = SHAPES[int(rng.integers(len(SHAPES)))]
+        color = color_names[int(rng.integers(len(color_names)))]
+        bounds = _segments(num_slots)
+        k, chosen = _localization_options(rng, len(bounds) - 1, slot)
+        t = int(bounds[k] + rng.integers(bounds[k + 1] - bounds[k]))
+        extra = int(rng.integers(3))
+        # distractor needles: other shapes at free slots not touching the target's
+        free = [s for s in range(num_slots) if abs(s - t) > 1]
+        taken: list[int] = []
+        for s in rng.permutation(free):
+            if len(taken) == extra:
+                break
+            if all(abs(int(s) - u) > 1 for u in taken):
+                taken.append(int(s))
+        others = [x for x in SHAPES if x != target]
+        placed = [(t, "shape", target, color, "target")]
+        for s in taken:
+            shape = others[int(rng.integers(len(others)))]
+            placed.append((s, "shape", shape, color_names[int(rng.integers(len(color_names)))], "distractor"))
+        for s, kind, label, c, role in sorted(placed):
+            needles.append(needle(s, kind, label, c, role))
+
+        def seconds(slot_index: int) -> str:
+            return _format_seconds(slot_index * needle_frames / fps)
+
+        options = tuple(f"{seconds(bounds[j])} s to {seconds(bounds[j + 1])} s" for j in chosen)
+        answer = chosen.index(k)
+        question = _QUESTIONS[("localization", "when")].format(shape=target)
     else:  # counting
         count = slot + 1
         max_extra = (num_slots + 1) // 2 - count  # non-adjacent slots available beyond the targets
@@ -511,9 +598,11 @@ def make_split(
 ) -> list[NeedleItem]:
     """``n_per_cell`` items for every (length, task) cell, with distinct consecutive seeds.
 
-    Items of cell ``c`` (cells enumerated length-major, then task) get the seeds
-    ``seed + c * n_per_cell + j`` for ``j < n_per_cell``, so every item of the split has its own seed
-    and, with ``n_per_cell`` a multiple of 4, every cell has each answer letter equally often. Two
+    Items are listed length-major, then task. The items of a cell get the seeds
+    ``seed + cell_seed(lengths, tasks, length_index, task, n_per_cell) + j`` for ``j < n_per_cell``
+    (for core tasks alone that is ``seed + c * n_per_cell + j`` for the ``c``-th cell), so every item
+    of the split has its own seed, the core tasks' items do not change when ``localization`` is
+    added, and, with ``n_per_cell`` a multiple of 4, every cell has each answer letter equally often. Two
     calls with non-overlapping ``[seed, seed + len(lengths) * len(tasks) * n_per_cell)`` ranges give
     disjoint sets of items. ``item_kwargs`` go to :func:`make_item` (``height``, ``fps``, ...).
 
@@ -533,10 +622,36 @@ def make_split(
     global_seed(split, seed)
     global_seed(split, last)
     items = []
-    for c, (length, task) in enumerate(itertools.product(lengths, tasks)):
-        for j in range(n_per_cell):
-            items.append(make_item(task, length, seed + c * n_per_cell + j, split=split, **item_kwargs))
+    if len(set(tasks)) != len(tasks) or len(set(lengths)) != len(lengths):
+        raise ValueError("make_split needs distinct lengths and distinct tasks")
+    for li, length in enumerate(lengths):
+        for task in tasks:
+            base = seed + cell_seed(lengths, tasks, li, task, n_per_cell)
+            for j in range(n_per_cell):
+                items.append(make_item(task, length, base + j, split=split, **item_kwargs))
     return items
+
+
+def cell_seed(lengths: Sequence[int], tasks: Sequence[str], length_index: int, task: str, n: int) -> int:
+    """Offset of the first item seed of the (length, task) cell of a set of ``lengths`` × ``tasks``
+    with ``n`` items per cell (what :func:`make_split` adds to its ``seed``).
+
+    The cells of :data:`CORE_TASKS` come first, length-major, in the order ``tasks`` names them
+    (``(length_index * n_core + core_index) * n``: the seeds they had before later families existed,
+    so adding ``localization`` to an evaluation leaves the other items as they were); the cells of
+    later families follow, task-major. The offsets of all cells are ``0, n, 2n, ...``: no two share
+    a seed.
+
+    Raises:
+        ValueError: ``task`` is not one of ``tasks``.
+    """
+    if task not in tasks or task not in TASKS:
+        raise ValueError(f"task {task!r} is not among {tuple(tasks)}")
+    core = [t for t in tasks if t in CORE_TASKS]
+    if task in core:
+        return (length_index * len(core) + core.index(task)) * n
+    later = [t for t in tasks if t not in CORE_TASKS]
+    return (len(lengths) * len(core) + later.index(task) * len(lengths) + length_index) * n
 
 
 def format_prompt(item: NeedleItem) -> str:

@@ -42,7 +42,7 @@ from adaspark.config import AdaSparkConfig
 from adaspark.core import calibration
 from adaspark.core.accounting import LayerDims, Report, build_report, selection_flops
 from adaspark.core.budget import BudgetController, Snapshot, search_threshold
-from adaspark.core.layout import VIDEO, Layout
+from adaspark.core.layout import VIDEO, Layout, adaptive_layout
 from adaspark.integrations.transformers import attention as attn_backend
 from adaspark.integrations.transformers import compat
 from adaspark.integrations.transformers.adapters import (
@@ -362,6 +362,8 @@ class _State:
             raise ValueError(
                 f"AdaSpark: the prompt has {layout.cube_ids.shape[0]} samples but the forward {bsz}"
             )
+        if layout is not None and layout.spans and self.config.cube_mode == "adaptive":
+            layout = self._adaptive(layout, emb)
         seq = _Sequence.build(layout, bsz, ref.device)
         self.seq = seq
         self.fwd = _Forward(seq=seq, offset=0, length=n, bsz=bsz)
@@ -371,6 +373,23 @@ class _State:
             self.budget_p = {}
         if cache is not None:
             self.caches[cache] = seq
+
+    def _adaptive(self, layout: Layout, emb: torch.Tensor | None) -> Layout:
+        """The prompt's layout with content-adaptive cubes, from this forward's input embeddings."""
+        n0 = layout.cube_ids.shape[1]
+        if not isinstance(emb, torch.Tensor) or emb.dim() != 3 or emb.shape[1] < n0:
+            got = "none" if not isinstance(emb, torch.Tensor) else f"{emb.shape[1]} of its {n0} tokens"
+            raise ValueError(
+                "AdaSparkConfig.cube_mode='adaptive' shapes the cubes from the decoder's input embeddings "
+                f"of the whole prompt in one forward, but this forward has {got} (a chunked prefill?); "
+                "use cube_mode='fixed' there"
+            )
+        return adaptive_layout(
+            layout,
+            emb[:, :n0],
+            max_cube=self.config.adaptive_max_cube,
+            min_cube=self.config.adaptive_min_cube,
+        )
 
     def on_lm_output(self, module, args, kwargs, output) -> None:
         cache = compat.output_cache(output)

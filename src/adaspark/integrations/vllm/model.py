@@ -315,6 +315,10 @@ def _check_engine(vllm_config: VllmConfig, config: AdaSparkConfig) -> None:
         problems.append(
             "AdaSparkConfig.budget (budget mode) is not supported in vLLM yet (set p / p_attn / p_ffn)"
         )
+    if config.cube_mode != "fixed":
+        problems.append(
+            f"AdaSparkConfig.cube_mode={config.cube_mode!r} is not supported in vLLM yet (use 'fixed')"
+        )
     if problems:
         raise ValueError("AdaSpark in vLLM: " + "; ".join(problems))
 

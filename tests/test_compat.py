@@ -80,6 +80,22 @@ def test_cache_is_found_by_type_and_read_under_either_name(model):
     assert compat.output_cache({"past_key_values": cache}) is cache
 
 
+@torch.inference_mode()
+def test_reading_the_outputs_logs_no_deprecation_warning(model, caplog):
+    """A patched forward reads the output's cache; on transformers that renamed the field it must not
+    read the old name (which logs transformers' deprecation warning in the user's run)."""
+    import logging
+
+    from adaspark import AdaSparkConfig, patch
+
+    inputs = build_inputs([[(2, 4, 4)]], seed=1)
+    with caplog.at_level(logging.WARNING), patch(model, AdaSparkConfig(p=0.5)):
+        out = model(**inputs, use_cache=False)
+        assert compat.output_cache(out) is None
+        model(**inputs, use_cache=True)
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()], caplog.text
+
+
 def test_mask_and_attention_registries():
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, causal_mask_function

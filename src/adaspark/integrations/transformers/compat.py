@@ -152,8 +152,14 @@ def cache_length(cache) -> int:
 
 
 def output_cache(output):
-    """The KV cache a model output returns (``cache`` from 5.24, ``past_key_values`` before)."""
-    for name in ("cache", "past_key_values"):
+    """The KV cache a model output returns (``cache`` from 5.24, ``past_key_values`` before).
+
+    An output class that declares ``cache`` is read under that name only: on 5.24 reading
+    ``past_key_values`` (even when ``cache`` is None, ``use_cache=False``) logs transformers'
+    deprecation warning in the user's run."""
+    declared = getattr(output, "__dataclass_fields__", None) or {}
+    names = ("cache",) if "cache" in declared else ("cache", "past_key_values")
+    for name in names:
         try:
             value = output[name] if isinstance(output, dict) else getattr(output, name, None)
         except KeyError:

@@ -23,6 +23,18 @@ needs_mpl = pytest.mark.skipif(
 
 
 @needs_hf
+def test_capture_selection_refuses_adaptive_cubes():
+    """It draws the fixed cube grid: adaptive cubes are refused in one line, never drawn wrongly."""
+    from adaspark.integrations.transformers.analysis import capture_selection
+    from adaspark.integrations.transformers.tiny import build_inputs, tiny_qwen2_5_vl
+
+    model = tiny_qwen2_5_vl(num_layers=2, hidden_size=64, seed=2)
+    inputs = build_inputs([[(4, 8, 8)]], prefix=5, suffix=6)
+    with pytest.raises(ValueError, match="cube_mode='adaptive' is not supported here"):
+        capture_selection(model, inputs, AdaSparkConfig(p=0.6, cube=(2, 2, 2), cube_mode="adaptive"))
+
+
+@needs_hf
 @pytest.mark.parametrize("granularity", ["token", "cube"])
 @pytest.mark.parametrize("query", ["answer", "last", 20])
 def test_capture_selection_matches_the_report(query, granularity):

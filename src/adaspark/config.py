@@ -57,6 +57,23 @@ def _check_fraction(name: str, value, *, allow_none: bool = False) -> None:
         raise ValueError(f"AdaSparkConfig.{name} must be in (0, 1], got {value!r}")
 
 
+def _set_cube(config, name: str, *, allow_none: bool) -> None:
+    """Check the cube-shaped field ``name`` (three positive integers (t, h, w)) and store it as a tuple."""
+    value = getattr(config, name)
+    if value is None and allow_none:
+        return
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 3
+        or not all(_is_int(c) and c >= 1 for c in value)
+    ):
+        what = "None or three" if allow_none else "three"
+        raise ValueError(
+            f"AdaSparkConfig.{name} must be {what} positive integers (t, h, w) in LM tokens, got {value!r}"
+        )
+    object.__setattr__(config, name, tuple(int(c) for c in value))
+
+
 @dataclass(frozen=True)
 class AdaSparkConfig:
     """Settings of AdaSpark (adaptive cube-selective attention + token-selective FFN).
@@ -195,31 +212,11 @@ class AdaSparkConfig:
         _check_fraction("p", self.p)
         _check_fraction("p_attn", self.p_attn, allow_none=True)
         _check_fraction("p_ffn", self.p_ffn, allow_none=True)
-        cube = self.cube
-        if (
-            not isinstance(cube, (tuple, list))
-            or len(cube) != 3
-            or not all(_is_int(c) and c >= 1 for c in cube)
-        ):
-            raise ValueError(
-                f"AdaSparkConfig.cube must be three positive integers (t, h, w) in LM tokens, got {cube!r}"
-            )
-        object.__setattr__(self, "cube", tuple(int(c) for c in cube))
+        _set_cube(self, "cube", allow_none=False)
         if self.cube_mode not in CUBE_MODES:
             raise ValueError(f"AdaSparkConfig.cube_mode must be one of {CUBE_MODES}, got {self.cube_mode!r}")
-        for name in ("adaptive_max_cube", "adaptive_min_cube"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if (
-                not isinstance(value, (tuple, list))
-                or len(value) != 3
-                or not all(_is_int(c) and c >= 1 for c in value)
-            ):
-                raise ValueError(
-                    f"AdaSparkConfig.{name} must be None or three positive integers (t, h, w), got {value!r}"
-                )
-            object.__setattr__(self, name, tuple(int(c) for c in value))
+        _set_cube(self, "adaptive_max_cube", allow_none=True)
+        _set_cube(self, "adaptive_min_cube", allow_none=True)
         try:
             adaptive_cube_bounds(self.cube, self.adaptive_max_cube, self.adaptive_min_cube)
         except ValueError as e:

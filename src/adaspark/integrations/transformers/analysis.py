@@ -366,6 +366,11 @@ def capture_selection(
     inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     if inputs["input_ids"].shape[0] != 1:
         raise ValueError("capture_selection takes one sample (batch size 1)")
+    if config.cube_mode != "fixed":
+        raise ValueError(
+            f"capture_selection draws fixed cubes; AdaSparkConfig.cube_mode={config.cube_mode!r} is not "
+            "supported here yet (use cube_mode='fixed')"
+        )
     li_query = n_layers // 2 if layer is None else int(layer)
     if not -n_layers <= li_query < n_layers:
         raise ValueError(f"--layer {layer} is out of range for a model with {n_layers} layers")

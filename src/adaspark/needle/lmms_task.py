@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=16, help="frames per video, even, >= 16 (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="first item seed (default 0)")
     parser.add_argument("--split", default="test", help="benchmark split: train, val or test (default test)")
-    parser.add_argument("--tasks", nargs="+", default=None, help="needle tasks (default: all three)")
+    parser.add_argument("--tasks", nargs="+", default=None, help="needle tasks (default: all of them)")
     parser.add_argument("--name", default=TASK_NAME, help=f"lmms-eval task name (default {TASK_NAME})")
     args = parser.parse_args(argv)
     try:

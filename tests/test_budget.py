@@ -307,3 +307,30 @@ def test_budget_with_dense_parts_other_kernels_and_batches(model, config, grids)
     assert all(lr.p_attn is not None and lr.p_attn < 1 for lr in steered)
     assert all((lr.p_ffn is None) == (not config.sparse_ffn) for lr in steered)
     assert all(lr.p_attn is None and lr.p_ffn is None for lr in rep.layers if lr.dense)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize(
+    "grids", [[[GRIDS["long"]]], [[GRIDS["long"]], [GRIDS["short"], (4, 8, 8)]]], ids=["one", "padded"]
+)
+def test_budget_search_reusing_its_scores_runs_what_a_fresh_selection_runs(model, grids, monkeypatch):
+    """The threshold search computes a layer's cube distributions once and plans the kernel's run
+    from them: logits, thresholds and executed FLOPs equal those of selecting anew at every probe."""
+    from adaspark.integrations.transformers import patching
+
+    inputs = build_inputs(grids, padding_side="left")
+
+    def run():
+        with patch(model, AdaSparkConfig(budget=0.6)) as h:
+            logits = model(**inputs).logits
+            return logits, h.report()
+
+    fast, rep_fast = run()
+    monkeypatch.setattr(patching, "unit_scores", lambda *a, **k: None)  # every probe selects anew
+    slow, rep_slow = run()
+    torch.testing.assert_close(fast, slow, rtol=0, atol=0)
+    assert [(lr.p_attn, lr.p_ffn) for lr in rep_fast.layers] == [
+        (lr.p_attn, lr.p_ffn) for lr in rep_slow.layers
+    ]
+    assert rep_fast.llm_flops_sparse == rep_slow.llm_flops_sparse
+    assert any(lr.p_attn is not None and lr.p_attn < 1 for lr in rep_fast.layers)

@@ -10,6 +10,7 @@ from adaspark.ops.attention import (
     ATTENTION_BACKENDS,
     BACKEND_GRANULARITIES,
     BLOCK_KERNELS,
+    FLEX_MIN_TOKENS,
     cube_sparse_attention_flex,
     cube_sparse_attention_gather,
     cube_sparse_attention_reference,
@@ -26,6 +27,7 @@ from adaspark.ops.attention.units import (
     cube_unit_probs,
     cube_unit_probs_reference,
     select_units,
+    unit_scores,
 )
 from adaspark.ops.cubes import build_cube_index, cube_mean_keys
 
@@ -202,6 +204,24 @@ def test_cube_unit_probs_equal_naive(case):
         torch.testing.assert_close(fast[0].sum(-1)[:, has], torch.ones_like(fast[0].sum(-1)[:, has]))
 
 
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_selection_from_reused_scores_equals_a_fresh_one(case):
+    """Budget mode plans several thresholds from one call's :func:`unit_scores`: every policy cut
+    from them gives the very selection (and statistics) a fresh :func:`select_units` gives."""
+    q, k, _v, ids, km = make_case(case)
+    kmask = torch.ones_like(ids, dtype=torch.bool) if km is None else km
+    index = build_cube_index(ids)
+    means, scale = cube_mean_keys(k, index), q.shape[-1] ** -0.5
+    scores = unit_scores(q, means, ids, kmask, index, scale)
+    for pol in [*POLS, SelectionPolicy(kind="ratio", ratio=0.4), SelectionPolicy(p=1.0)]:
+        st_fresh, st_reused = (AttentionStats(q.shape[1], q.shape[-1]) for _ in range(2))
+        fresh = select_units(q, means, ids, kmask, index, pol, scale, "cube", st_fresh)
+        reused = select_units(q, means, ids, kmask, index, pol, scale, "cube", st_reused, scores)
+        assert torch.equal(fresh.unit, reused.unit) and torch.equal(fresh.table, reused.table), pol
+        for name in ("selections", "entropy_sum", "kept_sum", "candidates_sum"):
+            assert torch.equal(getattr(st_fresh, name), getattr(st_reused, name)), (pol, name)
+
+
 @pytest.mark.parametrize("gran", GRANS)
 @pytest.mark.parametrize(
     "case", [CASES[2], CASES[4], CASES[5]], ids=["ragged", "batch_padding", "two_videos"]
@@ -369,6 +389,20 @@ def test_decode_refuses_video_queries_at_cube_granularity():
         )
 
 
+def test_auto_backend_trains_on_long_inputs():
+    """A training step (gradients on) at FLEX_MIN_TOKENS tokens and more runs on CPU: auto must not
+    pick a kernel without a backward there (FlexAttention on CPU, the C++ kernel)."""
+    n, grid = FLEX_MIN_TOKENS + 64, (16, 16, 16)
+    ids = torch.full((1, n), -1, dtype=torch.long)
+    t, h, w = torch.meshgrid(*(torch.arange(x) for x in grid), indexing="ij")
+    ids[0, 32 : 32 + 4096] = ((t // 4) * 16 + (h // 4) * 4 + w // 4).flatten()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g).requires_grad_() for _ in range(3))
+    out = cube_sparse_attention(q[:, :, :], k, v, ids, 0.5, granularity="cube")
+    out.square().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
 def test_backend_resolution_and_errors(monkeypatch):
     import adaspark.ops.attention as attn
 
@@ -378,8 +412,9 @@ def test_backend_resolution_and_errors(monkeypatch):
             assert resolve_attention_backend("auto", cpu, dt, num_tokens=100) == "native"
         f32 = torch.float32
         assert resolve_attention_backend("auto", cpu, f32, prefill=False, granularity="cube") == "native"
-        # no gradients through the C++ kernel
-        assert resolve_attention_backend("auto", cpu, f32, num_tokens=100, needs_grad=True) == "gather"
+        # no gradients through the C++ kernel, nor through FlexAttention on CPU (a long training step)
+        for n in (100, FLEX_MIN_TOKENS, 4 * FLEX_MIN_TOKENS):
+            assert resolve_attention_backend("auto", cpu, f32, num_tokens=n, needs_grad=True) == "gather"
     monkeypatch.setattr(attn, "native_available", lambda dev: False)
     assert resolve_attention_backend("auto", cpu, torch.float16) == "gather"
     assert resolve_attention_backend("auto", cpu, torch.float32, num_tokens=100) == "gather"
@@ -388,6 +423,7 @@ def test_backend_resolution_and_errors(monkeypatch):
     if flex_available(cpu):
         assert resolve_attention_backend("auto", cpu, torch.bfloat16) == "flex"
         assert resolve_attention_backend("auto", cpu, torch.float32) == "flex"
+    assert resolve_attention_backend("auto", cpu, torch.float32, needs_grad=True) == "gather"
     q, k, v, ids, _ = make_case(CASES[3])
     with pytest.raises(ValueError, match="granularity"):
         cube_sparse_attention(q, k, v, ids, 0.5, granularity="frame")

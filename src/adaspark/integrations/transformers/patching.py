@@ -61,9 +61,10 @@ from adaspark.ops.attention import (
     reference_attention_mask,
     resolve_attention_backend,
 )
-from adaspark.ops.attention.blocks import plan_blocks
+from adaspark.ops.attention.blocks import plan_blocks, run_blocks
 from adaspark.ops.attention.common import causal_valid_pairs, prepare_inputs
 from adaspark.ops.attention.cost import cube_estimate
+from adaspark.ops.attention.units import unit_scores
 from adaspark.ops.budget import P_MIN, top_p_for_fraction
 from adaspark.ops.cubes import CubeIndex, build_cube_index, cube_mean_keys
 from adaspark.ops.ffn import FFNStats, cube_sparse_ffn, token_scores
@@ -520,6 +521,12 @@ class _State:
             needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
         )  # fmt: skip
         probes: dict[float, float] = {}
+        block = cfg.query_block or BLOCK_SIZES.get(name, 0)
+        # the distributions every probe cuts at its threshold, computed once (cube granularity)
+        scores = None
+        if name in BLOCK_KERNELS and est is not None and cfg.granularity == "cube":
+            inp = inputs
+            scores = unit_scores(q, inp.mean_keys, inp.cube_ids, inp.key_mask, inp.index, inp.scale)
 
         def executed(p: float) -> float:
             if p not in probes:
@@ -527,9 +534,8 @@ class _State:
                 if name in BLOCK_KERNELS and est is not None:
                     scratch = AttentionStats(inputs.hq, inputs.d, inputs.hkv)
                     plan = plan_blocks(
-                        q, dataclasses.replace(inputs, policy=pol),
-                        block=cfg.query_block or BLOCK_SIZES[name], stats=scratch,
-                    )  # fmt: skip
+                        q, dataclasses.replace(inputs, policy=pol), block=block, stats=scratch, scores=scores
+                    )
                     lay.search_flops += selection_flops(
                         self.dims, 0, float(scratch.candidates_sum.sum()), float(scratch.selections.sum())
                     )
@@ -570,7 +576,14 @@ class _State:
                 )
         policy = dataclasses.replace(policy, p=p_attn)
         before = st.executed
-        out, _ = self._sparse(q, k, v, cube_ids, key_valid, scaling, st, mk, index, False, policy)
+        direct = scores is not None and not policy.keeps_all
+        if direct and cfg.dense_fallback is None and self.cost_model is None:
+            # what _sparse would run (prepare, plan, kernel), planned from the search's distributions
+            final = dataclasses.replace(inputs, policy=policy)
+            plan = plan_blocks(q, final, block=block, stats=st, scores=scores)
+            out = run_blocks(q, k, v, plan, kernel=BLOCK_KERNELS[name], stats=st)
+        else:
+            out, _ = self._sparse(q, k, v, cube_ids, key_valid, scaling, st, mk, index, False, policy)
         if floor is not None and p_attn in probes and probes[p_attn] > 0:
             ratio = (st.executed - before) / probes[p_attn]
             ctl.attn_ratio = ratio

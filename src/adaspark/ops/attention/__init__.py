@@ -163,8 +163,9 @@ def resolve_attention_backend(
     On CPU, ``native`` (the C++ kernel) for prefill and for chunks with video queries whenever it
     can be built and no gradient is needed; on CUDA, ``triton`` for prefill when triton is
     installed and no gradient is needed (never on CPU: there it would run interpreted); otherwise
-    flex (CUDA, or CPU with a compiler) from ``flex_min_tokens`` (:data:`FLEX_MIN_TOKENS`) tokens
-    on — below that, its compile time (seconds per new shape) is not paid back — and gather below.
+    flex (CUDA, or CPU with a compiler and no gradient) from ``flex_min_tokens``
+    (:data:`FLEX_MIN_TOKENS`) tokens on — below that, its compile time (seconds per new shape) is
+    not paid back — and gather below.
     """
     if backend != "auto":
         if backend not in ATTENTION_BACKENDS:
@@ -183,7 +184,8 @@ def resolve_attention_backend(
         return "native"
     if dev.type == "cuda" and not needs_grad and triton_available(dev):
         return "triton"
-    cpu_ok = dev.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
+    # FlexAttention has no backward on CPU: a training step there takes gather
+    cpu_ok = dev.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and not needs_grad
     if (dev.type == "cuda" or cpu_ok) and num_tokens >= flex_min_tokens and flex_available(dev):
         return "flex"
     return "gather"

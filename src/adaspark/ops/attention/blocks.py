@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from adaspark.ops.attention.common import AttentionInputs, AttentionStats, causal_valid_pairs
-from adaspark.ops.attention.units import Selection, attended_pairs, key_classes, select_units
+from adaspark.ops.attention.units import Selection, UnitScores, attended_pairs, key_classes, select_units
 from adaspark.ops.cubes import NEVER, CubeIndex
 
 __all__ = [
@@ -322,7 +322,12 @@ class BlockPlan:
 
 
 def plan_blocks(
-    q: torch.Tensor, inputs: AttentionInputs, *, block: int, stats: AttentionStats | None = None
+    q: torch.Tensor,
+    inputs: AttentionInputs,
+    *,
+    block: int,
+    stats: AttentionStats | None = None,
+    scores: UnitScores | None = None,
 ) -> BlockPlan:
     """Step one of the block backends: the cube selection and its block pattern.
 
@@ -333,14 +338,17 @@ def plan_blocks(
         stats: receives what the selection computes (entropy / kept / candidates, the mean-key
             tokens, the selection itself with ``stats.record``); the attention counters come
             with :func:`run_blocks`.
+        scores: cube granularity: the call's :func:`~adaspark.ops.attention.units.unit_scores`,
+            when several policies are planned on one call (budget mode's threshold search).
     """
     block = int(block)
     if block < 1:
         raise ValueError(f"query_block must be >= 1, got {block}")
     inp = inputs
     sel = select_units(
-        q, inp.mean_keys, inp.cube_ids, inp.key_mask, inp.index, inp.policy, inp.scale, inp.granularity, stats
-    )
+        q, inp.mean_keys, inp.cube_ids, inp.key_mask, inp.index, inp.policy, inp.scale, inp.granularity,
+        stats, scores,
+    )  # fmt: skip
     pat = block_pattern(sel, inp.cube_ids, inp.key_mask, inp.index, block)
     inp.count_mean_keys(stats)
     pairs = int(causal_valid_pairs(inp.key_mask, inp.nq).sum())

@@ -298,21 +298,38 @@ def select_block(
         ``(keep, probs, cand)``: ``keep`` ``[Hq, bq, C]`` bool kept candidate cubes (own cube not
         included), ``probs`` ``[Hq, bq, C]`` float32 distributions, ``cand`` ``[bq, C]`` candidates.
     """
+    probs, ok, cand = block_scores(q_blk, mean_keys_b, q_pos, q_cube, index, b, scale)
+    return keep_from_probs(probs, ok, policy), probs, cand
+
+
+def block_scores(
+    q_blk: torch.Tensor,
+    mean_keys_b: torch.Tensor,
+    q_pos: torch.Tensor,
+    q_cube: torch.Tensor,
+    index: CubeIndex,
+    b: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The threshold-independent half of :func:`select_block` (same arguments less the policy).
+
+    Returns:
+        ``(probs, ok, cand)``: ``probs`` ``[Hq, bq, C]`` float32 distributions, ``ok`` ``[Hq, bq, C]``
+        the candidates a policy may keep (NaN scores excluded), ``cand`` ``[bq, C]`` candidates.
+    """
     hq, bq, d = q_blk.shape
     hkv, c = mean_keys_b.shape[0], mean_keys_b.shape[1]
     cids = torch.arange(c, device=q_blk.device)
     cand = (index.first_pos[b][None, :] <= q_pos[:, None]) & (cids[None, :] != q_cube[:, None])
     if c == 0:
         z = torch.zeros(hq, bq, 0, device=q_blk.device)
-        return z.bool(), z, cand
+        return z, z.bool(), cand
     g = hq // hkv
     qf = q_blk.reshape(hkv, g * bq, d).float()
     scores = torch.matmul(qf, mean_keys_b.transpose(-1, -2)).view(hq, bq, c) * scale
     # a cube whose score is NaN (NaN in its keys or the query) is never a candidate, whatever the policy
     ok = cand[None] & ~torch.isnan(scores)
-    probs = masked_softmax(scores, ok)
-    keep = keep_from_probs(probs, ok, policy)
-    return keep, probs, cand
+    return masked_softmax(scores, ok), ok, cand
 
 
 @torch.no_grad()  # the selection itself is not differentiated (as in MoBA)

@@ -32,8 +32,8 @@ from adaspark.ops.attention.common import (
     GRANULARITIES,
     SELECT_BLOCK,
     AttentionStats,
+    block_scores,
     check_granularity,
-    select_block,
     select_range,
 )
 from adaspark.ops.cubes import CubeIndex
@@ -43,6 +43,7 @@ __all__ = [
     "CUBE_SCORE_CHUNK",
     "GRANULARITIES",
     "Selection",
+    "UnitScores",
     "attended_pairs",
     "check_granularity",
     "cube_unit_probs",
@@ -50,6 +51,7 @@ __all__ = [
     "key_classes",
     "select_units",
     "token_selection",
+    "unit_scores",
 ]
 
 #: video queries scored per matmul when averaging distributions per cube (a fixed blocking, aligned
@@ -210,6 +212,62 @@ def cube_unit_probs_reference(
     return probs.float(), ucand, n_sel
 
 
+@dataclass(frozen=True)
+class UnitScores:
+    """The threshold-independent half of a cube-granularity selection, for reuse across policies.
+
+    Budget mode probes several thresholds on one layer's queries; the distributions they cut are
+    the same each time. :func:`select_units` with ``scores=`` applies a policy to them (the same
+    bits as computing them anew).
+
+    Attributes:
+        cubes: per sample, :func:`cube_unit_probs`'s ``(probs, cand, n_sel)`` (None without cubes).
+        text: per sample, the non-video queries' distributions in :data:`SELECT_BLOCK` blocks, as
+            ``(start, probs, ok, cand)`` of :func:`~adaspark.ops.attention.common.block_scores`
+            (``start`` indexes the sample's non-video queries).
+    """
+
+    cubes: tuple
+    text: tuple
+
+
+def _text_queries(cube_ids_b, qv, q_offset: int, index: CubeIndex, b: int, c: int):
+    """Non-video valid queries of sample ``b`` and how many of them come before every cube."""
+    qc = cube_ids_b[q_offset:]
+    tq = ((qc < 0) & qv).nonzero().squeeze(1)
+    skip = int(((tq + q_offset) < index.first_pos[b].min()).sum()) if c else tq.numel()
+    return qc, tq, skip
+
+
+@torch.no_grad()
+def unit_scores(
+    q: torch.Tensor,
+    mean_keys: torch.Tensor,
+    cube_ids: torch.Tensor,
+    key_mask: torch.Tensor,
+    index: CubeIndex,
+    scale: float,
+) -> UnitScores:
+    """The cube-granularity distributions of a batch (arguments as :func:`select_units`)."""
+    nq = q.shape[2]
+    q_offset = cube_ids.shape[1] - nq
+    c = index.max_cubes
+    qvalid = key_mask[:, q_offset:]
+    cubes, text = [], []
+    for b in range(q.shape[0]):
+        qv = qvalid[b]
+        fp = index.first_pos[b]
+        cubes.append(cube_unit_probs(q[b], mean_keys[b], cube_ids[b], qv, q_offset, fp, scale) if c else None)
+        qc, tq, skip = _text_queries(cube_ids[b], qv, q_offset, index, b, c)
+        blocks = []
+        for s in range(skip, tq.numel(), SELECT_BLOCK):
+            idx = tq[s : s + SELECT_BLOCK]
+            qb = q[b].index_select(1, idx)
+            blocks.append((s, *block_scores(qb, mean_keys[b], idx + q_offset, qc[idx], index, b, scale)))
+        text.append(tuple(blocks))
+    return UnitScores(cubes=tuple(cubes), text=tuple(text))
+
+
 @torch.no_grad()
 def select_units(
     q: torch.Tensor,
@@ -221,6 +279,7 @@ def select_units(
     scale: float,
     granularity: str,
     stats: AttentionStats | None = None,
+    scores: UnitScores | None = None,
 ) -> Selection:
     """Run the cube selection of a batch and return it as a :class:`Selection`.
 
@@ -235,6 +294,7 @@ def select_units(
         granularity: ``"token"`` (per query, the reference semantics; selected with the same
             fixed blocking as the ``blocked`` path) or ``"cube"``.
         stats: optional statistics (entropy / kept / candidates per selecting query).
+        scores: cube granularity: this batch's :func:`unit_scores` (computed here when None).
     """
     check_granularity(granularity)
     bsz, hq, nq, _d = q.shape
@@ -249,6 +309,8 @@ def select_units(
         n_text = int(((cube_ids[:, q_offset:] < 0) & qvalid).sum(1).max()) if nq else 0
         n_units = c + n_text + 1
     pad_unit = n_units - 1
+    if granularity == "cube" and scores is None:
+        scores = unit_scores(q, mean_keys, cube_ids, key_mask, index, scale)
     table = torch.zeros(bsz, hq, n_units, c + 1, dtype=torch.bool, device=dev)
     unit = torch.full((bsz, nq), pad_unit, dtype=torch.long, device=dev)
     for b in range(bsz):
@@ -274,9 +336,7 @@ def select_units(
             continue
         # cube granularity: one averaged distribution per cube ...
         if c:
-            probs, ucand, n_sel = cube_unit_probs(
-                q[b], mean_keys[b], cube_ids[b], qv, q_offset, index.first_pos[b], scale
-            )
+            probs, ucand, n_sel = scores.cubes[b]
             keep = keep_from_probs(probs, ucand[None].expand(hq, c, c), policy)
             table[b, :, :c, :c] = keep
             if stats is not None and bool((n_sel > 0).any()):
@@ -290,22 +350,16 @@ def select_units(
         vmask = (qc >= 0) & qv
         unit[b] = torch.where(vmask, qc, unit[b])
         # ... and per-token selection for the non-video queries
-        tq = ((qc < 0) & qv).nonzero().squeeze(1)
+        # text before the first cube has no candidate: nothing to select (unit_scores skips it)
+        _, tq, _ = _text_queries(cube_ids[b], qv, q_offset, index, b, c)
         tu = c + torch.arange(tq.numel(), device=dev)
         unit[b, tq] = tu
         table[b, :, :pad_unit, c] = True
-        # text before the first cube has no candidate: nothing to select
-        skip = int(((tq + q_offset) < index.first_pos[b].min()).sum()) if c else tq.numel()
-        if skip < tq.numel():
-            for s in range(skip, tq.numel(), SELECT_BLOCK):
-                idx = tq[s : s + SELECT_BLOCK]
-                pos = idx + q_offset
-                keep_t, probs_t, cand_t = select_block(
-                    q[b].index_select(1, idx), mean_keys[b], pos, qc[idx], index, b, policy, scale
-                )
-                if stats is not None:
-                    stats.add_selection(probs_t, keep_t, cand_t, qv[idx])
-                table[b, :, tu[s : s + SELECT_BLOCK], :c] = keep_t
+        for s, probs_t, ok_t, cand_t in scores.text[b]:
+            keep_t = keep_from_probs(probs_t, ok_t, policy)
+            if stats is not None:
+                stats.add_selection(probs_t, keep_t, cand_t, qv[tq[s : s + SELECT_BLOCK]])
+            table[b, :, tu[s : s + SELECT_BLOCK], :c] = keep_t
     sel = Selection(unit=unit, table=table, num_cubes=c, granularity=granularity)
     if stats is not None:
         stats.log_selection(sel)

@@ -4,7 +4,14 @@ import random
 import pytest
 import torch
 
-from adaspark.ops.selection import SelectionPolicy, entropy, keep_from_probs, masked_softmax
+from adaspark.ops.selection import (
+    TOP_P_PARTIAL,
+    SelectionPolicy,
+    entropy,
+    keep_from_probs,
+    keep_from_probs_reference,
+    masked_softmax,
+)
 
 
 def naive_keep(probs: list[float], valid: list[bool], pol: SelectionPolicy) -> list[bool]:
@@ -58,6 +65,45 @@ def test_keep_matches_naive(pol):
         probs = masked_softmax(torch.randn(c, generator=g) * 3, valid).double()
         got = keep_from_probs(probs[None], valid[None], pol)[0].tolist()
         assert got == naive_keep(probs.tolist(), valid.tolist(), pol)
+
+
+def _awkward_rows(c: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``c`` candidates: peaked, flat (nucleus past the partial sort), tied, with zero and
+    invalid entries, no candidate at all, and a few candidates only."""
+    g = torch.Generator().manual_seed(c)
+    scores = torch.randn(12, c, generator=g, dtype=torch.float64)
+    scores[0] *= 8  # peaked: a few cubes hold the mass
+    scores[1] *= 0.01  # nearly flat: the nucleus needs more than the partial sort holds
+    scores[2] = 0.0  # exactly uniform: every boundary is a tie
+    scores[3] = torch.randint(0, 3, (c,), generator=g).double()  # three tied levels
+    scores[4, : c // 2] = -200.0  # probabilities that underflow to zero
+    valid = torch.rand(12, c, generator=g) < 0.9
+    valid[5] = False  # no candidate
+    valid[6] = False
+    valid[6, :3] = True  # three candidates
+    valid[7] = True
+    valid[7, TOP_P_PARTIAL + 2 :] = False  # just past the partial sort's width
+    return masked_softmax(scores, valid).to(dtype), valid
+
+
+@pytest.mark.parametrize("probe", [0, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c", [TOP_P_PARTIAL + 1, 3 * TOP_P_PARTIAL + 7, 8 * TOP_P_PARTIAL])
+def test_partial_sort_top_p_equals_the_whole_sort(c, dtype, probe, monkeypatch):
+    from adaspark.ops import selection
+
+    monkeypatch.setattr(selection, "PARTIAL_MIN", 0)  # these rows are few: force the partial path
+    monkeypatch.setattr(selection, "PARTIAL_PROBE", probe)  # 0: no probe, every row tries it
+    probs, valid = _awkward_rows(c, dtype)
+    probs3 = probs.view(3, 4, c)  # leading dimensions, as [Hq, rows, C]
+    valid3 = valid.view(3, 4, c)
+    for pol in [SelectionPolicy(p=p) for p in (0.05, 0.3, 0.5, 0.7, 0.9, 0.95, 0.999)] + [
+        SelectionPolicy(p=0.5, min_keep=2 * TOP_P_PARTIAL),
+        SelectionPolicy(p=0.9, max_keep=5),
+    ]:
+        got = keep_from_probs(probs3, valid3, pol)
+        want = keep_from_probs_reference(probs3, valid3, pol)
+        assert torch.equal(got, want), (pol, (got != want).nonzero()[:5].tolist())
 
 
 def test_ties_keep_lower_index_first():

@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -198,97 +199,272 @@ inline const float* as_float(const at::BFloat16* row, int64_t n, float* buf) {
   return buf;
 }
 
-// Few queries (decoding) against the kept rows of a long cache, read in place.
-//   q     [B, Hq, Nq, D] float32      k, v [B, Hkv, Nk, D] float32 or bfloat16 (unpermuted)
-//   rows  [B, Hkv, M] int64: key positions some head of the group keeps, ascending, -1 = none
-//   table [B, Hq, Nq, C] uint8: head h's query i attends key class c
-//   k_cls [B, Nk] int64, k_valid [B, Nk] uint8, q_valid [B, Nq] uint8; query i sits at q_offset + i
-// Each (sample, kv head, split of the rows) is one task computing partial softmax statistics for
-// the group's g·Nq query rows (scores by AVX2 dot products, V rows accumulated with weights); the
-// splits are merged at the end (split-K, as flash-decoding does).
+// Few queries (decoding) against the rows of a long cache that their selection keeps, read in place.
+//   q         [B, Hq, Nq, D] float32 contiguous   k, v [B, Hkv, Nk, D] float32 or bfloat16 (rows contiguous)
+//   table     [B, Hq, Nq, C+1] uint8: head h's query i attends key class c (class C: non-video keys);
+//             it already holds the own cube and the non-video class, and is all zero for padding queries
+//   cube_ids  [B, Nk] int64 (-1: non-video, class C)   k_valid [B, Nk], q_valid [B, Nq] bool or uint8
+//   query i sits at position q_offset + i
+// Per (sample, kv head) the rows some head of the GQA group may attend are collected in one pass (the
+// union of the group's classes, up to the last valid query); they are then processed in tiles of
+// ROWS_TILE: the tile's K rows are copied into a dense buffer (bfloat16 converted), S = Q K^T is one
+// matrix product for the group's g·Nq query rows, the per-head class mask and causality are applied,
+// an online softmax updates the row statistics, and O += P V is a second product on the copied V
+// rows. Tasks are (sample, kv head, split of the rows), merged at the end (split-K, as
+// flash-decoding does). Returns (out, rows read per (sample, kv head), attended pairs per (sample, head)).
+constexpr int64_t ROWS_TILE = 64;
+
+// The few query rows of a decode step against a tile of key/value rows, register-blocked: RB query
+// rows at a time, each key (value) row read once per block of RB rows and D in 8-float chunks.
+//   rows_qk: s[r * lds + j] = q[r] · krow[j]            (q: R rows of D floats, contiguous)
+//   rows_pv: o[r * D + x] += Σ_j p[r * ldp + j] · vrow[j][x]
+// (BLAS products of R = 7 rows run at a fraction of their peak; these do not.)
+#if defined(__AVX2__) && defined(__FMA__)
+inline float hsum(__m256 v) {
+  const __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  __m128 x = _mm_add_ps(lo, hi);
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+inline void prefetch_row(const float* row, int64_t D) {
+  for (int64_t x = 0; x < D; x += 16) _mm_prefetch(reinterpret_cast<const char*>(row + x), _MM_HINT_T0);
+}
+
+template <int RB>
+inline void rows_qk_block(const float* q, const float* const* krow, int64_t n, int64_t D, float* s, int64_t lds) {
+  const int64_t D8 = D / 8 * 8;
+  for (int64_t j = 0; j < n; ++j) {
+    const float* kr = krow[j];
+    if (j + 8 < n) prefetch_row(krow[j + 8], D);
+    __m256 acc[RB];
+    for (int rb = 0; rb < RB; ++rb) acc[rb] = _mm256_setzero_ps();
+    for (int64_t x = 0; x < D8; x += 8) {
+      const __m256 kv = _mm256_loadu_ps(kr + x);
+      for (int rb = 0; rb < RB; ++rb) acc[rb] = _mm256_fmadd_ps(_mm256_loadu_ps(q + rb * D + x), kv, acc[rb]);
+    }
+    for (int rb = 0; rb < RB; ++rb) {
+      float sum = hsum(acc[rb]);
+      for (int64_t x = D8; x < D; ++x) sum += q[rb * D + x] * kr[x];
+      s[rb * lds + j] = sum;
+    }
+  }
+}
+
+template <int RB>
+inline void rows_pv_block(const float* p, int64_t ldp, const float* const* vrow, int64_t n, int64_t D, float* o) {
+  const int64_t D8 = D / 8 * 8;
+  // a few value rows at a time (read row by row, then held in L1 across the D chunks)
+  constexpr int64_t JB = 8;
+  for (int64_t j0 = 0; j0 < n; j0 += JB) {
+    const int64_t j1 = std::min(n, j0 + JB);
+    for (int64_t j = j1; j < std::min(n, j1 + JB); ++j) prefetch_row(vrow[j], D);
+    for (int64_t x = 0; x < D8; x += 8) {
+      __m256 acc[RB];
+      for (int rb = 0; rb < RB; ++rb) acc[rb] = _mm256_loadu_ps(o + rb * D + x);
+      for (int64_t j = j0; j < j1; ++j) {
+        const __m256 vv = _mm256_loadu_ps(vrow[j] + x);
+        for (int rb = 0; rb < RB; ++rb) acc[rb] = _mm256_fmadd_ps(_mm256_set1_ps(p[rb * ldp + j]), vv, acc[rb]);
+      }
+      for (int rb = 0; rb < RB; ++rb) _mm256_storeu_ps(o + rb * D + x, acc[rb]);
+    }
+  }
+  for (int64_t x = D8; x < D; ++x)
+    for (int rb = 0; rb < RB; ++rb) {
+      float acc = o[rb * D + x];
+      for (int64_t j = 0; j < n; ++j) acc += p[rb * ldp + j] * vrow[j][x];
+      o[rb * D + x] = acc;
+    }
+}
+
+// blocks of 8 query rows, the rest in one block of its own size (GQA groups of 1..8 heads: one pass)
+#define ADASPARK_ROW_BLOCKS(CALL) \
+  switch (rb) {                   \
+    case 8: CALL(8); break;       \
+    case 7: CALL(7); break;       \
+    case 6: CALL(6); break;       \
+    case 5: CALL(5); break;       \
+    case 4: CALL(4); break;       \
+    case 3: CALL(3); break;       \
+    case 2: CALL(2); break;       \
+    default: CALL(1); break;      \
+  }
+
+inline void rows_qk(const float* q, int64_t R, const float* const* krow, int64_t n, int64_t D, float* s, int64_t lds) {
+  for (int64_t r = 0; r < R; r += 8) {
+    const int64_t rb = std::min<int64_t>(8, R - r);
+#define QK(RB) rows_qk_block<RB>(q + r * D, krow, n, D, s + r * lds, lds)
+    ADASPARK_ROW_BLOCKS(QK)
+#undef QK
+  }
+}
+
+inline void rows_pv(const float* p, int64_t ldp, int64_t R, const float* const* vrow, int64_t n, int64_t D, float* o) {
+  for (int64_t r = 0; r < R; r += 8) {
+    const int64_t rb = std::min<int64_t>(8, R - r);
+#define PV(RB) rows_pv_block<RB>(p + r * ldp, ldp, vrow, n, D, o + r * D)
+    ADASPARK_ROW_BLOCKS(PV)
+#undef PV
+  }
+}
+#undef ADASPARK_ROW_BLOCKS
+#else
+inline void rows_qk(const float* q, int64_t R, const float* const* krow, int64_t n, int64_t D, float* s, int64_t lds) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < n; ++j) s[r * lds + j] = dot(q + r * D, krow[j], D);
+}
+
+inline void rows_pv(const float* p, int64_t ldp, int64_t R, const float* const* vrow, int64_t n, int64_t D, float* o) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < n; ++j)
+      if (p[r * ldp + j] != 0.0f) axpy(o + r * D, p[r * ldp + j], vrow[j], D);
+}
+#endif
+
+// pointers to `n` rows of a K or V head (`pos` their positions, `stride` the row stride), as float32:
+// in place for float, converted into `buf` (n × D) for bfloat16
+inline void row_pointers(const float* base, int64_t stride, const int64_t* pos, int64_t n, int64_t, float*,
+                         const float** out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = base + pos[j] * stride;
+}
+inline void row_pointers(const at::BFloat16* base, int64_t stride, const int64_t* pos, int64_t n, int64_t D,
+                         float* buf, const float** out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = as_float(base + pos[j] * stride, D, buf + j * D);
+}
+
 template <typename scalar_t>
-void rows_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
-                         const at::Tensor& table, const at::Tensor& k_cls, const at::Tensor& k_valid,
-                         const at::Tensor& q_valid, int64_t q_offset, double scale, at::Tensor& out) {
+void rows_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const uint8_t* table_p,
+                         const int64_t* ids_p, const uint8_t* k_valid_p, const uint8_t* q_valid_p, int64_t C1,
+                         int64_t q_offset, double scale, at::Tensor& out, at::Tensor& counts,
+                         at::Tensor& attended) {
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), Nk = k.size(2), M = rows.size(2), C = table.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2);
   const int64_t g = Hq / Hkv, R = g * Nq;
-  const int64_t threads = at::get_num_threads();
-  const int64_t per = std::max<int64_t>(256, (M + threads - 1) / std::max<int64_t>(1, threads));
-  const int64_t splits = std::max<int64_t>(1, (M + per - 1) / per);
-  const int64_t n_tasks = B * Hkv * splits;
   const float neg = -std::numeric_limits<float>::infinity();
   const float fscale = static_cast<float>(scale);
-  // partials: max, sum, o per (task, row)
+  // 1. the rows of every (sample, kv head): ascending positions of the group's classes
+  std::vector<std::vector<int64_t>> rows(B * Hkv);
+  int64_t* counts_p = counts.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t last = -1;
+    for (int64_t i = 0; i < Nq; ++i)
+      if (q_valid_p[b * Nq + i]) last = q_offset + i;
+    for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
+      std::vector<uint8_t> uni(C1, 0);
+      const uint8_t* tg = table_p + (b * Hq + kvh * g) * Nq * C1;
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t c = 0; c < C1; ++c) uni[c] |= tg[r * C1 + c];
+      std::vector<int64_t>& rl = rows[b * Hkv + kvh];
+      const int64_t* ids = ids_p + b * Nk;
+      const uint8_t* kv = k_valid_p + b * Nk;
+      for (int64_t pos = 0; pos <= last && pos < Nk; ++pos) {
+        const int64_t cls = ids[pos] < 0 ? C1 - 1 : ids[pos];
+        if (kv[pos] && uni[cls]) rl.push_back(pos);
+      }
+      counts_p[b * Hkv + kvh] = static_cast<int64_t>(rl.size());
+    }
+  }
+  // 2. tasks: (sample, kv head, split of its rows)
+  const int64_t threads = at::get_num_threads();
+  int64_t longest = 1;
+  for (const auto& rl : rows) longest = std::max<int64_t>(longest, static_cast<int64_t>(rl.size()));
+  const int64_t per = std::max<int64_t>(8 * ROWS_TILE, (longest + threads - 1) / std::max<int64_t>(1, threads));
+  const int64_t splits = (longest + per - 1) / per;
+  const int64_t n_tasks = B * Hkv * splits;
   std::vector<float> pm(n_tasks * R, neg), pl(n_tasks * R, 0.0f), po(n_tasks * R * D, 0.0f);
+  std::vector<double> patt(n_tasks * R, 0.0);
+  std::vector<uint8_t> pnan(n_tasks * R, 0);
   const float* qd = q.data_ptr<float>();
   const scalar_t* kd = k.data_ptr<scalar_t>();
   const scalar_t* vd = v.data_ptr<scalar_t>();
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
-  const int64_t* rows_p = rows.data_ptr<int64_t>();
-  const uint8_t* table_p = table.data_ptr<uint8_t>();
-  const int64_t* k_cls_p = k_cls.data_ptr<int64_t>();
-  const uint8_t* k_valid_p = k_valid.data_ptr<uint8_t>();
-  const uint8_t* q_valid_p = q_valid.data_ptr<uint8_t>();
   at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> kbuf(D), vbuf(D), qs(R * D);
-    std::vector<float> sc;
+    std::vector<float> qs(R * D), buf(std::is_same<scalar_t, float>::value ? 0 : ROWS_TILE * D), s(R * ROWS_TILE);
+    std::vector<const float*> ptr(ROWS_TILE);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t sp = t % splits, kvh = (t / splits) % Hkv, b = t / (splits * Hkv);
-      const int64_t j0 = sp * per, j1 = std::min(M, j0 + per);
-      const int64_t* rl = rows_p + (b * Hkv + kvh) * M;
-      int64_t n = 0;
-      for (int64_t j = j0; j < j1 && rl[j] >= 0; ++j) ++n;
-      if (n == 0) continue;
+      const std::vector<int64_t>& rl = rows[b * Hkv + kvh];
+      const int64_t n_rows = static_cast<int64_t>(rl.size());
+      const int64_t j0 = sp * per, j1 = std::min(n_rows, j0 + per);
+      if (j0 >= j1) continue;
       for (int64_t r = 0; r < R; ++r) {  // row r = (head hh, query i), scaled
-        const int64_t hh = r / Nq, i = r % Nq;
-        const float* src = qd + ((b * Hq + kvh * g + hh) * Nq + i) * D;
+        const float* src = qd + ((b * Hq + kvh * g) * Nq + r) * D;
         for (int64_t x = 0; x < D; ++x) qs[r * D + x] = src[x] * fscale;
-      }
-      sc.assign(R * n, neg);
-      const scalar_t* kbase = kd + b * ks0 + kvh * ks1;
-      const scalar_t* vbase = vd + b * vs0 + kvh * vs1;
-      for (int64_t jj = 0; jj < n; ++jj) {
-        const int64_t pos = rl[j0 + jj];
-        if (!k_valid_p[b * Nk + pos]) continue;
-        const float* kr = as_float(kbase + pos * ks2, D, kbuf.data());
-        const int64_t cls = k_cls_p[b * Nk + pos];
-        for (int64_t r = 0; r < R; ++r) {
-          const int64_t hh = r / Nq, i = r % Nq;
-          if (pos > q_offset + i || !q_valid_p[b * Nq + i]) continue;
-          if (!table_p[(((b * Hq + kvh * g + hh) * Nq) + i) * C + cls]) continue;
-          sc[r * n + jj] = dot(qs.data() + r * D, kr, D);
-        }
       }
       float* tm = pm.data() + t * R;
       float* tl = pl.data() + t * R;
       float* to = po.data() + t * R * D;
-      for (int64_t r = 0; r < R; ++r) {
-        float* row = sc.data() + r * n;
-        const float mx = row_max(row, n);
-        tm[r] = mx;
-        if (mx == neg) {
-          for (int64_t jj = 0; jj < n; ++jj) row[jj] = 0.0f;
-          continue;
+      double* ta = patt.data() + t * R;
+      uint8_t* tn = pnan.data() + t * R;
+      const scalar_t* kbase = kd + b * ks0 + kvh * ks1;
+      const scalar_t* vbase = vd + b * vs0 + kvh * vs1;
+      const uint8_t* tg = table_p + (b * Hq + kvh * g) * Nq * C1;
+      const int64_t* ids = ids_p + b * Nk;
+      // per class: which of the R query rows attend it (R <= 64 bits; wider groups use the slow check)
+      const bool bits_ok = R <= 64;
+      std::vector<uint64_t> cbits(bits_ok ? C1 : 0, 0);
+      if (bits_ok)
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t c = 0; c < C1; ++c)
+            if (tg[r * C1 + c]) cbits[c] |= uint64_t{1} << r;
+      const uint64_t all = R == 64 ? ~uint64_t{0} : ((uint64_t{1} << R) - 1);
+      for (int64_t a = j0; a < j1; a += ROWS_TILE) {
+        const int64_t n = std::min(ROWS_TILE, j1 - a);
+        row_pointers(kbase, ks2, rl.data() + a, n, D, buf.data(), ptr.data());
+        rows_qk(qs.data(), R, ptr.data(), n, D, s.data(), ROWS_TILE);
+        // the mask: -inf where a row's head does not keep the key's class or the key is in its future
+        int64_t full = 0;  // keys every query row attends
+        for (int64_t jj = 0; jj < n; ++jj) {
+          const int64_t pos = rl[a + jj];
+          const int64_t cls = ids[pos] < 0 ? C1 - 1 : ids[pos];
+          if (bits_ok && pos <= q_offset && cbits[cls] == all) {
+            ++full;
+            continue;
+          }
+          for (int64_t r = 0; r < R; ++r) {
+            const bool keep = bits_ok ? ((cbits[cls] >> r) & 1) != 0 : tg[r * C1 + cls] != 0;
+            if (keep && pos <= q_offset + r % Nq) {
+              ta[r] += 1.0;
+            } else {
+              s[r * ROWS_TILE + jj] = neg;
+            }
+          }
         }
-        tl[r] = exp_shift_sum(row, n, mx);
-      }
-      for (int64_t jj = 0; jj < n; ++jj) {
-        const int64_t pos = rl[j0 + jj];
-        bool any = false;
-        for (int64_t r = 0; r < R; ++r) any |= sc[r * n + jj] != 0.0f;
-        if (!any) continue;
-        const float* vr = as_float(vbase + pos * vs2, D, vbuf.data());
         for (int64_t r = 0; r < R; ++r) {
-          const float w = sc[r * n + jj];
-          if (w != 0.0f) axpy(to + r * D, w, vr, D);
+          float* row = s.data() + r * ROWS_TILE;
+          ta[r] += static_cast<double>(full);
+          if (tn[r]) continue;
+          const float mx_tile = row_max(row, n);
+          if (std::isnan(mx_tile)) {
+            tn[r] = 1;
+            continue;
+          }
+          const float mx = std::max(tm[r], mx_tile);
+          if (mx == neg) {
+            for (int64_t jj = 0; jj < n; ++jj) row[jj] = 0.0f;
+            continue;
+          }
+          if (tm[r] != mx && tm[r] != neg) {
+            const float alpha = std::exp(tm[r] - mx);
+            tl[r] *= alpha;
+            for (int64_t x = 0; x < D; ++x) to[r * D + x] *= alpha;
+          }
+          tm[r] = mx;
+          tl[r] += exp_shift_sum(row, n, mx);
         }
+        for (int64_t r = 0; r < R; ++r)
+          if (tn[r] || tm[r] == neg)
+            for (int64_t jj = 0; jj < n; ++jj) s[r * ROWS_TILE + jj] = 0.0f;
+        row_pointers(vbase, vs2, rl.data() + a, n, D, buf.data(), ptr.data());
+        rows_pv(s.data(), ROWS_TILE, R, ptr.data(), n, D, to);
       }
     }
   });
-  // merge the splits
+  // 3. merge the splits
   float* od = out.data_ptr<float>();
+  double* att = attended.data_ptr<double>();
   for (int64_t b = 0; b < B; ++b)
     for (int64_t kvh = 0; kvh < Hkv; ++kvh)
       for (int64_t r = 0; r < R; ++r) {
@@ -297,9 +473,10 @@ void rows_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
         float mx = neg;
         bool nan = false;
         for (int64_t sp = 0; sp < splits; ++sp) {
-          const float x = pm[((b * Hkv + kvh) * splits + sp) * R + r];
-          nan |= std::isnan(x);
-          mx = std::max(mx, x);
+          const int64_t t = (b * Hkv + kvh) * splits + sp;
+          att[b * Hq + kvh * g + hh] += patt[t * R + r];
+          nan |= pnan[t * R + r] != 0;
+          mx = std::max(mx, pm[t * R + r]);
         }
         if (!q_valid_p[b * Nq + i]) continue;  // stays zero
         if (nan) {  // a non-finite input reaches the output, never silently dropped
@@ -320,28 +497,48 @@ void rows_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
       }
 }
 
-at::Tensor rows_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
-                          const at::Tensor& table, const at::Tensor& k_cls, const at::Tensor& k_valid,
-                          const at::Tensor& q_valid, int64_t q_offset, double scale) {
+inline const uint8_t* bytes_of(const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kBool || t.scalar_type() == at::kByte, "rows_attention: masks must be bool or uint8");
+  return reinterpret_cast<const uint8_t*>(t.data_ptr());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_attention(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v, const at::Tensor& table,
+                                                              const at::Tensor& cube_ids, const at::Tensor& k_valid,
+                                                              const at::Tensor& q_valid, int64_t q_offset,
+                                                              double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "rows_attention: q, k, v must be 4-D");
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous(), "rows_attention: q must be contiguous float32");
   TORCH_CHECK(k.scalar_type() == v.scalar_type() && k.stride(3) == 1 && v.stride(3) == 1,
               "rows_attention: k and v must share a dtype and have contiguous rows");
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "rows_attention: Hq must be a multiple of Hkv");
-  auto out = at::zeros_like(q);
-  auto rows_c = rows.contiguous();
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), Nk = k.size(2);
+  TORCH_CHECK(table.scalar_type() == at::kByte && table.dim() == 4 && table.size(0) == B && table.size(1) == Hq &&
+                  table.size(2) == Nq && table.size(3) >= 1,
+              "rows_attention: table must be uint8 [B, Hq, Nq, C+1]");
+  TORCH_CHECK(cube_ids.scalar_type() == at::kLong && cube_ids.size(0) == B && cube_ids.size(1) == Nk,
+              "rows_attention: cube_ids must be int64 [B, Nk]");
+  TORCH_CHECK(q_offset >= 0 && q_offset + Nq <= Nk, "rows_attention: the queries must be the last Nq positions");
   auto table_c = table.contiguous();
-  auto k_cls_c = k_cls.contiguous();
-  auto k_valid_c = k_valid.contiguous();
-  auto q_valid_c = q_valid.contiguous();
+  auto ids_c = cube_ids.contiguous();
+  auto kv_c = k_valid.contiguous();
+  auto qv_c = q_valid.contiguous();
+  TORCH_CHECK(kv_c.numel() == B * Nk && qv_c.numel() == B * Nq, "rows_attention: k_valid / q_valid have the wrong shape");
+  auto out = at::zeros_like(q);
+  auto counts = at::zeros({B, k.size(1)}, q.options().dtype(at::kLong));
+  auto attended = at::zeros({B, Hq}, q.options().dtype(at::kDouble));
+  const uint8_t* tp = table_c.data_ptr<uint8_t>();
+  const int64_t* ip = ids_c.data_ptr<int64_t>();
   if (k.scalar_type() == at::kFloat) {
-    rows_attention_impl<float>(q, k, v, rows_c, table_c, k_cls_c, k_valid_c, q_valid_c, q_offset, scale, out);
+    rows_attention_impl<float>(q, k, v, tp, ip, bytes_of(kv_c), bytes_of(qv_c), table.size(3), q_offset, scale, out,
+                               counts, attended);
   } else if (k.scalar_type() == at::kBFloat16) {
-    rows_attention_impl<at::BFloat16>(q, k, v, rows_c, table_c, k_cls_c, k_valid_c, q_valid_c, q_offset, scale,
-                                      out);
+    rows_attention_impl<at::BFloat16>(q, k, v, tp, ip, bytes_of(kv_c), bytes_of(qv_c), table.size(3), q_offset,
+                                      scale, out, counts, attended);
   } else {
     TORCH_CHECK(false, "rows_attention: k and v must be float32 or bfloat16");
   }
-  return out;
+  return {out, counts, attended};
 }
 
 at::Tensor block_attention(
@@ -532,8 +729,8 @@ TORCH_LIBRARY(adaspark, m) {
       "Tensor k_cls, Tensor q_pos, Tensor k_pos, Tensor k_valid, Tensor q_valid, int block, "
       "int group, int chunk, float scale) -> Tensor");
   m.def(
-      "rows_attention(Tensor q, Tensor k, Tensor v, Tensor rows, Tensor table, Tensor k_cls, "
-      "Tensor k_valid, Tensor q_valid, int q_offset, float scale) -> Tensor");
+      "rows_attention(Tensor q, Tensor k, Tensor v, Tensor table, Tensor cube_ids, Tensor k_valid, "
+      "Tensor q_valid, int q_offset, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(adaspark, CPU, m) {

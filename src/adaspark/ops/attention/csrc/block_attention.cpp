@@ -12,8 +12,9 @@
 //
 // One task per (sample, head group, query block): the union of the key blocks its heads keep is
 // walked in chunks; in each chunk, every run of consecutive key blocks is one S = Q K^T and one
-// O += P V matrix product on the keys and values read in place (BLAS calls on strided tiles: no
-// gather copy, no tensor objects per step), the mask is applied block by block (skipped blocks
+// O += P V matrix product on the keys and values read in place (BLAS calls on strided tiles, no
+// tensor objects per step) — or, when the runs are short (scattered cubes), the chunk's blocks are
+// copied into one tile for one product each — the mask is applied block by block (skipped blocks
 // -inf, partial blocks token by token, full blocks untouched), then an online-softmax update. Tasks are spread over the intra-op threads in a strided order (later query blocks
 // attend more keys) with at::parallel_for.
 #include <ATen/ATen.h>
@@ -79,11 +80,48 @@ inline void gemm_ab_acc(int64_t M, int64_t N, int64_t K, const float* A, int64_t
 #endif
 
 // exp(x - shift) over a row, in place; returns the row's sum. -inf entries give exactly 0.
-// AVX2: a degree-6 polynomial after range reduction by ln 2 (relative error ~2e-7, within float
-// rounding of expf); elsewhere std::exp.
+// AVX-512 / AVX2: a degree-6 polynomial after range reduction by ln 2 (relative error ~2e-7, within
+// float rounding of expf), 16 / 8 lanes at a time; elsewhere std::exp.
 inline float exp_shift_sum(float* row, int64_t n, float shift) {
   int64_t x = 0;
   float sum = 0.0f;
+#if defined(__AVX512F__)
+  {  // the same polynomial, 16 lanes
+    const __m512 vshift = _mm512_set1_ps(shift);
+    const __m512 lo = _mm512_set1_ps(-87.3f), hi = _mm512_set1_ps(88.3f);
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+    const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+    const __m512 c1 = _mm512_set1_ps(1.9875691500e-4f), c2 = _mm512_set1_ps(1.3981999507e-3f);
+    const __m512 c3 = _mm512_set1_ps(8.3334519073e-3f), c4 = _mm512_set1_ps(4.1665795894e-2f);
+    const __m512 c5 = _mm512_set1_ps(1.6666665459e-1f), c6 = _mm512_set1_ps(5.0000001201e-1f);
+    const __m512 one = _mm512_set1_ps(1.0f);
+    __m512 acc = _mm512_setzero_ps();
+    for (; x + 16 <= n; x += 16) {
+      const __m512 v0 = _mm512_sub_ps(_mm512_loadu_ps(row + x), vshift);
+      const __mmask16 under = _mm512_cmp_ps_mask(v0, lo, _CMP_LT_OQ);  // also catches -inf
+      const __mmask16 nan = _mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q);  // NaN stays NaN
+      const __m512 v = _mm512_min_ps(_mm512_max_ps(v0, lo), hi);
+      const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      __m512 r = _mm512_fnmadd_ps(k, ln2_hi, v);
+      r = _mm512_fnmadd_ps(k, ln2_lo, r);
+      __m512 p = c1;
+      p = _mm512_fmadd_ps(p, r, c2);
+      p = _mm512_fmadd_ps(p, r, c3);
+      p = _mm512_fmadd_ps(p, r, c4);
+      p = _mm512_fmadd_ps(p, r, c5);
+      p = _mm512_fmadd_ps(p, r, c6);
+      const __m512 r2 = _mm512_mul_ps(r, r);
+      p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, one));
+      const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+      __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+      y = _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), y);
+      y = _mm512_mask_mov_ps(y, nan, v0);
+      _mm512_storeu_ps(row + x, y);
+      acc = _mm512_add_ps(acc, y);
+    }
+    sum += _mm512_reduce_add_ps(acc);
+  }
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
   const __m256 vshift = _mm256_set1_ps(shift);
   const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.3f);
@@ -213,6 +251,11 @@ inline const float* as_float(const at::BFloat16* row, int64_t n, float* buf) {
 // rows. Tasks are (sample, kv head, split of the rows), merged at the end (split-K, as
 // flash-decoding does). Returns (out, rows read per (sample, kv head), attended pairs per (sample, head)).
 constexpr int64_t ROWS_TILE = 64;
+// block_attention copies a chunk's key (value) blocks into one tile when its runs of consecutive
+// blocks are shorter than this on average (one matrix product beats many small ones), else reads
+// them in place run by run (measured at 32k tokens, 7/1 heads, d 128: scattered cubes 8% faster
+// copied; long runs 28% slower copied)
+constexpr int64_t GATHER_RUN_BLOCKS = 4;
 
 // The few query rows of a decode step against a tile of key/value rows, register-blocked: RB query
 // rows at a time, each key (value) row read once per block of RB rows and D in 8-float chunks.
@@ -598,13 +641,14 @@ at::Tensor block_attention(
 
   at::parallel_for(0, n_workers, 1, [&](int64_t w0, int64_t w1) {
     // per-thread buffers (sized for the largest chunk)
-    std::vector<float> qt(R * D), sbuf(R * chunk * block), ot(R * D);
+    std::vector<float> qt(R * D), sbuf(R * chunk * block), ot(R * D), kvbuf(chunk * block * D);
     std::vector<float> m(R), l(R);
     std::vector<int64_t> blocks, run_start, run_len;
     blocks.reserve(nK);
     float* qtp = qt.data();
     float* sp = sbuf.data();
     float* otp = ot.data();
+    float* kvp = kvbuf.data();
     for (int64_t w = w0; w < w1; ++w) {
       for (int64_t t = w; t < n_tasks; t += n_workers) {
         const int64_t qb = t % nQ;
@@ -654,10 +698,18 @@ at::Tensor block_attention(
             }
           }
           const int64_t n_runs = static_cast<int64_t>(run_start.size());
-          // S[:, run] = Q K_run^T, keys read in place
-          for (int64_t r = 0; r < n_runs; ++r) {
-            const int64_t j0 = run_start[r], w = run_len[r] * block;
-            gemm_abt(RR, w, D, qtp, D, kbase + blocks[c0 + j0] * block * D, D, sp + j0 * block, cols);
+          // S = Q K^T over the chunk: keys read in place, one product per run of consecutive blocks,
+          // unless the runs are short (scattered cubes): then copied into one tile, one product
+          const bool gather = n_runs > 1 && n_runs * GATHER_RUN_BLOCKS > cn;
+          if (gather) {
+            for (int64_t j = 0; j < cn; ++j)
+              std::memcpy(kvp + j * block * D, kbase + blocks[c0 + j] * block * D, block * D * sizeof(float));
+            gemm_abt(RR, cols, D, qtp, D, kvp, D, sp, cols);
+          } else {
+            for (int64_t r = 0; r < n_runs; ++r) {
+              const int64_t j0 = run_start[r], w = run_len[r] * block;
+              gemm_abt(RR, w, D, qtp, D, kbase + blocks[c0 + j0] * block * D, D, sp + j0 * block, cols);
+            }
           }
           // mask, block by block
           for (int64_t hh = 0; hh < group; ++hh) {
@@ -698,10 +750,16 @@ at::Tensor block_attention(
               for (int64_t x = 0; x < D; ++x) orow[x] *= alpha;
             }
           }
-          // O += P_run V_run, values read in place
-          for (int64_t r = 0; r < n_runs; ++r) {
-            const int64_t j0 = run_start[r], w = run_len[r] * block;
-            gemm_ab_acc(RR, D, w, sp + j0 * block, cols, vbase + blocks[c0 + j0] * block * D, D, otp, D);
+          // O += P V, the values read like the keys
+          if (gather) {
+            for (int64_t j = 0; j < cn; ++j)
+              std::memcpy(kvp + j * block * D, vbase + blocks[c0 + j] * block * D, block * D * sizeof(float));
+            gemm_ab_acc(RR, D, cols, sp, cols, kvp, D, otp, D);
+          } else {
+            for (int64_t r = 0; r < n_runs; ++r) {
+              const int64_t j0 = run_start[r], w = run_len[r] * block;
+              gemm_ab_acc(RR, D, w, sp + j0 * block, cols, vbase + blocks[c0 + j0] * block * D, D, otp, D);
+            }
           }
         }
         // normalise and write back (invalid query rows stay zero)

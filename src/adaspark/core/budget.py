@@ -50,7 +50,8 @@ class BudgetLayer:
         executed: what it executed.
         p_attn / p_ffn: the thresholds chosen (None where that module ran dense or was not asked).
         search_flops: the selections the attention threshold search probed (part of ``executed``:
-            the search is work the budget pays for).
+            the search is work the budget pays for), each charged as a full selection — an upper
+            bound where the block paths compute a layer's distributions once for every probe.
     """
 
     dense: float

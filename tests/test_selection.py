@@ -93,6 +93,7 @@ def test_partial_sort_top_p_equals_the_whole_sort(c, dtype, probe, monkeypatch):
     from adaspark.ops import selection
 
     monkeypatch.setattr(selection, "PARTIAL_MIN", 0)  # these rows are few: force the partial path
+    monkeypatch.setattr(selection, "PARTIAL_MIN_CANDIDATES", 0)
     monkeypatch.setattr(selection, "PARTIAL_PROBE", probe)  # 0: no probe, every row tries it
     probs, valid = _awkward_rows(c, dtype)
     probs3 = probs.view(3, 4, c)  # leading dimensions, as [Hq, rows, C]

@@ -18,6 +18,7 @@ import torch
 
 __all__ = [
     "PARTIAL_MIN",
+    "PARTIAL_MIN_CANDIDATES",
     "PARTIAL_PROBE",
     "TOP_P_PARTIAL",
     "TOP_P_TOLERANCE",
@@ -135,8 +136,11 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
 TOP_P_PARTIAL = 64
 #: below this many probabilities the whole sort is as fast (the partial path is a dozen small ops)
 PARTIAL_MIN = 1 << 16
+#: ... and for rows of at most this many candidates (sorting 126 cubes costs about what the partial
+#: sort does; 254 and 510 were 1.3-2x faster partially on peaked rows: benchmarks/selection_speed.py)
+PARTIAL_MIN_CANDIDATES = 2 * TOP_P_PARTIAL
 #: rows tried first: when most of them need more than the partial sort, every row is sorted whole
-PARTIAL_PROBE = 256
+PARTIAL_PROBE = 64
 
 
 def keep_from_probs(probs: torch.Tensor, valid: torch.Tensor, policy: SelectionPolicy) -> torch.Tensor:
@@ -147,7 +151,12 @@ def keep_from_probs(probs: torch.Tensor, valid: torch.Tensor, policy: SelectionP
     """
     valid = valid.expand_as(probs)
     c = probs.shape[-1]
-    partial = policy.kind == "top_p" and policy.p < 1.0 and c > TOP_P_PARTIAL and probs.numel() >= PARTIAL_MIN
+    partial = (
+        policy.kind == "top_p"
+        and policy.p < 1.0
+        and c > max(TOP_P_PARTIAL, PARTIAL_MIN_CANDIDATES)
+        and probs.numel() >= PARTIAL_MIN
+    )
     if not partial or policy.keeps_all:
         return keep_from_probs_reference(probs, valid, policy)
     shape = probs.shape

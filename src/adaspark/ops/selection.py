@@ -157,7 +157,7 @@ def keep_from_probs(probs: torch.Tensor, valid: torch.Tensor, policy: SelectionP
         and c > max(TOP_P_PARTIAL, PARTIAL_MIN_CANDIDATES)
         and probs.numel() >= PARTIAL_MIN
     )
-    if not partial or policy.keeps_all:
+    if not partial:
         return keep_from_probs_reference(probs, valid, policy)
     shape = probs.shape
     probs, valid = probs.reshape(-1, c), valid.reshape(-1, c)
@@ -183,6 +183,16 @@ def keep_from_probs(probs: torch.Tensor, valid: torch.Tensor, policy: SelectionP
     return keep.view(shape)
 
 
+def _keep_bounds(n_keep: torch.Tensor, n_valid: torch.Tensor, policy: SelectionPolicy) -> torch.Tensor:
+    """The kept count within the policy's bounds: at least one (and ``min_keep``) where a candidate
+    exists, at most the candidates and ``max_keep``."""
+    n_keep = torch.maximum(n_keep, torch.clamp(n_valid, max=max(policy.min_keep, 1)))
+    n_keep = torch.minimum(n_keep, n_valid)
+    if policy.max_keep is not None:
+        n_keep = torch.clamp(n_keep, max=policy.max_keep)
+    return n_keep
+
+
 def _top_p_prefix(probs, valid, policy: SelectionPolicy, width: int):
     """Top-p of ``[R, C]`` rows from their ``width`` largest values: ``(keep, more)``, ``more`` ``[R]``
     marking the rows whose nucleus may reach past them (their ``keep`` is not final)."""
@@ -194,10 +204,7 @@ def _top_p_prefix(probs, valid, policy: SelectionPolicy, width: int):
     reach = before < policy.p - TOP_P_TOLERANCE[sp.dtype]
     rank = torch.arange(width, device=probs.device)
     n_keep = (reach & (rank < n_valid)).sum(dim=-1, keepdim=True)
-    n_keep = torch.maximum(n_keep, torch.clamp(n_valid, max=max(policy.min_keep, 1)))
-    n_keep = torch.minimum(n_keep, n_valid)
-    if policy.max_keep is not None:
-        n_keep = torch.clamp(n_keep, max=policy.max_keep)
+    n_keep = _keep_bounds(n_keep, n_valid, policy)
     more = ((reach[:, -1:] & (n_valid > width)) | (n_keep > width)).squeeze(1)
     # the kept prefix of the stable order: every value above the last kept one, and of the values
     # equal to it the lowest-indexed ones (stable ties) up to the count
@@ -252,9 +259,6 @@ def keep_from_probs_reference(
         n_keep = torch.clamp(n_valid, max=policy.k)
     else:  # ratio
         n_keep = torch.ceil(n_valid.double() * policy.ratio - 1e-9).long()
-    n_keep = torch.maximum(n_keep, torch.clamp(n_valid, max=max(policy.min_keep, 1)))
-    n_keep = torch.minimum(n_keep, n_valid)
-    if policy.max_keep is not None:
-        n_keep = torch.clamp(n_keep, max=policy.max_keep)
+    n_keep = _keep_bounds(n_keep, n_valid, policy)
     keep_sorted = rank < n_keep
     return torch.zeros_like(valid).scatter(-1, order, keep_sorted)

@@ -525,8 +525,9 @@ class _State:
         # the distributions every probe cuts at its threshold, computed once (cube granularity)
         scores = None
         if name in BLOCK_KERNELS and est is not None and cfg.granularity == "cube":
-            inp = inputs
-            scores = unit_scores(q, inp.mean_keys, inp.cube_ids, inp.key_mask, inp.index, inp.scale)
+            scores = unit_scores(
+                q, inputs.mean_keys, inputs.cube_ids, inputs.key_mask, inputs.index, inputs.scale
+            )
 
         def executed(p: float) -> float:
             if p not in probes:
